@@ -1,0 +1,71 @@
+"""The `jaxpref` command.
+
+    jaxpref profile --model small [--batch 8]      compile + time a jitted forward pass
+    jaxpref data shapes --out DIR                  write the built-in task's datasets
+    jaxpref data inspect PATH                      schema, counts and a few rows of a dataset
+    jaxpref generate --model DIR --image P --prompt T
+    jaxpref sft --config F [key=value ...]         (and reward, ...)
+
+Each subcommand lives beside the code it drives; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_profile_parser(sub):
+    p = sub.add_parser("profile", help="compile and time a jitted forward pass of a model")
+    p.add_argument("--model", default="small", help="preset name or Hugging Face model directory (default: small)")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: image tokens + 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--iters", type=int, default=5, help="timed calls after warm-up (default: 5)")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args) -> int:
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    from .models import VLM, get_preset, load_pretrained, preset_names
+    from .profile import count_params, format_report, profile_forward
+    from .sharding import init_sharded, make_mesh
+
+    if os.path.isdir(args.model):
+        model, params = load_pretrained(args.model, dtype=args.dtype)
+    elif args.model in preset_names():
+        model = VLM(get_preset(args.model), dtype=jnp.dtype(args.dtype))
+        params = init_sharded(model, jax.random.key(0), make_mesh(data=1, fsdp=-1, tensor=1))
+    else:
+        print(f"jaxpref profile: --model {args.model!r} is neither a directory nor a preset "
+              f"({', '.join(preset_names())})", file=sys.stderr)
+        return 2
+    print(f"{args.model}: {count_params(params) / 1e6:.2f} M parameters ({args.dtype})")
+    print(format_report(profile_forward(model, params, batch=args.batch, seq=args.seq, iters=args.iters)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxpref", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_profile_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no libtpu" notice on CPU hosts
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
