@@ -23,6 +23,12 @@ def _add_profile_parser(sub):
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: image tokens + 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=5, help="timed calls after warm-up (default: 5)")
+    p.add_argument("--topology", default=None,
+                   help="compile ahead of time for a TPU topology instead of running, e.g. v5p:4x4x4 "
+                        "(needs libtpu: pip install 'jaxpref[tpu]'); uses --mesh-* sizes")
+    p.add_argument("--mesh-data", type=int, default=-1, help="data axis size for --topology (default -1: the rest)")
+    p.add_argument("--mesh-fsdp", type=int, default=1, help="fsdp axis size for --topology (default 1)")
+    p.add_argument("--mesh-tensor", type=int, default=1, help="tensor axis size for --topology (default 1)")
     p.set_defaults(func=_run_profile)
 
 
@@ -33,9 +39,17 @@ def _run_profile(args) -> int:
     import jax.numpy as jnp
 
     from .models import VLM, get_preset, load_pretrained, preset_names
-    from .profile import count_params, format_report, profile_forward
+    from .models.config import read_hf_config
+    from .profile import aot_forward, count_params, format_aot, format_report, profile_forward
     from .sharding import init_sharded, make_mesh
 
+    if args.topology:  # nothing is allocated: the config is enough, and the host CPU compiles
+        jax.config.update("jax_platforms", "cpu")
+        cfg = read_hf_config(args.model) if os.path.isdir(args.model) else get_preset(args.model)
+        r = aot_forward(VLM(cfg, dtype=jnp.dtype(args.dtype)), args.topology, data=args.mesh_data,
+                        fsdp=args.mesh_fsdp, tensor=args.mesh_tensor, batch=args.batch, seq=args.seq)
+        print(format_aot(r))
+        return 0
     if os.path.isdir(args.model):
         model, params = load_pretrained(args.model, dtype=args.dtype)
     elif args.model in preset_names():
