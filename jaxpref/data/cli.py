@@ -1,0 +1,264 @@
+"""`jaxpref data ...`: write the built-in shapes datasets, inspect any dataset.
+
+    jaxpref data shapes --out DIR [--num-train N] [--num-eval N] [--num-shards K]
+                        [--format parquet|array_record] [--image-size 64] [--label-noise 0.1] [--seed 0]
+    jaxpref data inspect PATH [--split S] [--rows 3] [--save-images DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shlex
+import sys
+
+KINDS = ("preference", "prompt", "sft")
+
+
+def add_data_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `data shapes` and `data inspect` under a `jaxpref` subparsers object."""
+    p = subparsers.add_parser("data", help="write the built-in shapes datasets; inspect a dataset")
+    sub = p.add_subparsers(dest="data_command", required=True)
+
+    s = sub.add_parser("shapes", help="write the shapes task's preference, prompt and sft datasets (TRL schema)")
+    s.add_argument("--out", required=True, help="output directory; gets {preference,prompt,sft}/ and README.md")
+    s.add_argument("--num-train", type=int, default=5000, help="train rows per dataset (default: 5000)")
+    s.add_argument("--num-eval", type=int, default=500, help="eval rows per dataset (default: 500)")
+    s.add_argument("--num-shards", type=int, default=4, help="shards per split, at most one per row (default: 4)")
+    s.add_argument("--format", choices=("parquet", "array_record"), default="parquet",
+                   help="parquet (datasets) or array_record (a TFDS directory) (default: parquet)")
+    s.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    s.add_argument("--label-noise", type=float, default=0.1,
+                   help="fraction of preference pairs whose chosen/rejected are swapped (default: 0.1)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.set_defaults(func=run_shapes)
+
+    i = sub.add_parser("inspect", help="schema, row counts and a few decoded rows of a dataset")
+    i.add_argument("path", help="a dataset directory (parquet/arrow shards or TFDS), a file or a glob")
+    i.add_argument("--split", default=None, help="only this split (default: every split found)")
+    i.add_argument("--rows", type=int, default=3, help="rows to print per split (default: 3)")
+    i.add_argument("--save-images", default=None, metavar="DIR", help="save the printed rows' images as PNGs here")
+    i.set_defaults(func=run_inspect)
+    return p
+
+
+# ---------------------------------------------------------------------------
+# data shapes
+
+
+def run_shapes(args) -> int:
+    from tqdm import tqdm
+
+    from jaxpref.data.shapes import generate_split
+    from jaxpref.data.writers import write_shards
+
+    for name, value in (("--num-train", args.num_train), ("--num-eval", args.num_eval)):
+        if value < 0:
+            print(f"jaxpref data shapes: {name} must be >= 0, got {value}", file=sys.stderr)
+            return 2
+    if args.num_shards < 1:
+        print(f"jaxpref data shapes: --num-shards must be >= 1, got {args.num_shards}", file=sys.stderr)
+        return 2
+    splits = [(split, n) for split, n in (("train", args.num_train), ("eval", args.num_eval)) if n]
+    if not splits:
+        print("jaxpref data shapes: --num-train and --num-eval are both 0: nothing to write", file=sys.stderr)
+        return 2
+    info = {"task": "shapes", "seed": args.seed, "image_size": args.image_size, "label_noise": args.label_noise,
+            "command": shapes_command(args)}
+    cards = {}
+    with tqdm(total=len(KINDS) * sum(n for _, n in splits), unit="row", desc="shapes") as bar:
+        for kind in KINDS:
+            for split, n in splits:
+                bar.set_postfix_str(f"{kind}/{split}")
+                rows = generate_split(kind, n, args.seed, image_size=args.image_size, label_noise=args.label_noise,
+                                      split=split)
+                cards[kind] = write_shards(_counted(rows, bar), os.path.join(args.out, kind),
+                                           num_shards=min(args.num_shards, n), format=args.format, split=split,
+                                           info={**info, "kind": kind})
+    with open(os.path.join(args.out, "README.md"), "w") as f:
+        f.write(shapes_card(args, cards))
+    for kind, card in cards.items():
+        counts = ", ".join(f"{s} {v['num_rows']}" for s, v in card["splits"].items())
+        print(f"wrote {os.path.join(args.out, kind)}: {counts} rows ({args.format})")
+    return 0
+
+
+def _counted(rows, bar):
+    for row in rows:
+        yield row
+        bar.update()
+
+
+def shapes_command(args) -> str:
+    return shlex.join(["jaxpref", "data", "shapes", "--out", args.out, "--num-train", str(args.num_train),
+                       "--num-eval", str(args.num_eval), "--num-shards", str(args.num_shards), "--format",
+                       args.format, "--image-size", str(args.image_size), "--label-noise", str(args.label_noise),
+                       "--seed", str(args.seed)])
+
+
+def shapes_card(args, cards: dict) -> str:
+    """README.md for the written datasets: a Hugging Face dataset card (YAML `configs` for parquet)."""
+    import datasets
+
+    ext = "parquet" if args.format == "parquet" else "array_record"
+    split_names = list(next(iter(cards.values()))["splits"])
+    lines = []
+    if args.format == "parquet":
+        lines += ["---", "configs:"]
+        for kind, card in cards.items():
+            lines += [f"- config_name: {kind}", "  data_files:"]
+            lines += [f"  - split: {s}\n    path: {kind}/{s}-*.{ext}" for s in card["splits"]]
+        lines += ["---", ""]
+    lines += [
+        "# shapes: jaxpref's built-in visual preference task", "",
+        f"Synthetic {args.image_size}x{args.image_size} images of 1-3 colored shapes, with prompts about them "
+        "(describe the image, name a shape's color, count shapes, locate one) and responses of graded quality "
+        "scored by a gold judge against the scene (jaxpref/data/shapes.py). Rows use TRL's dataset schema.", "",
+        f"Made with `{shapes_command(args)}` (seed {args.seed}, label noise {args.label_noise}: that fraction of "
+        "preference pairs has chosen and rejected swapped, like disagreeing human raters).", "",
+        "| dataset | TRL type | " + " | ".join(f"{s} rows" for s in split_names) + " | columns |",
+        "|---|---|" + "---|" * len(split_names) + "---|",
+    ]
+    trl_type = {"preference": "preference (prompt, chosen, rejected)", "prompt": "prompt-only (PPO/GRPO)",
+                "sft": "prompt-completion (SFT)"}
+    for kind, card in cards.items():
+        features = datasets.Features.from_dict(card["features"])
+        cols = ", ".join(f"`{k}` {_short_type(v)}" for k, v in features.items())
+        counts = " | ".join(str(s["num_rows"]) for s in card["splits"].values())
+        lines.append(f"| `{kind}/` | {trl_type[kind]} | {counts} | {cols} |")
+    lines += ["", "`images` holds one encoded PNG per row ({\"bytes\", \"path\"}); `scene` is the scene as JSON, "
+              "which the gold judge reads. Each directory's `jaxpref_dataset.json` lists its shards and row "
+              "counts.", ""]
+    if args.format == "parquet":
+        lines += ["Load with jaxpref (`jaxpref.data.sources.open_source(\"DIR/preference\", split=\"train\")`) or "
+                  "with `datasets.load_dataset(\"DIR\", \"preference\")`."]
+    else:
+        lines += ["Each directory is a TFDS-prepared dataset (array_record shards, written without TensorFlow): "
+                  "load it with `jaxpref.data.sources.open_source(\"DIR/preference\", split=\"train\")` or "
+                  "`tfds.builder_from_directory(\"DIR/preference\").as_data_source(\"train\")` (conversational "
+                  "text columns, if any, are JSON strings there)."]
+    return "\n".join(lines) + "\n"
+
+
+def _short_type(feature) -> str:
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return feature.dtype
+    if isinstance(feature, datasets.Image):
+        return "image"
+    if isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+        return "list of images"
+    return "conversational" if isinstance(feature, datasets.List) else type(feature).__name__
+
+
+# ---------------------------------------------------------------------------
+# data inspect
+
+
+def run_inspect(args) -> int:
+    from jaxpref.data.sources import SourceError, list_splits, open_source
+
+    path = args.path
+    if os.path.isdir(path) and not list_splits(path):
+        subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
+                         and list_splits(os.path.join(path, d)))
+        if not subdirs:
+            print(f"jaxpref data inspect: no dataset in {path}", file=sys.stderr)
+            return 2
+        for d in subdirs:
+            code = run_inspect(argparse.Namespace(**{**vars(args), "path": os.path.join(path, d)}))
+            if code:
+                return code
+        return 0
+    splits = [args.split] if args.split else (list_splits(path) if os.path.isdir(path) else ["train"])
+    try:
+        sources = {split: open_source(path, split=split) for split in splits}
+    except SourceError as e:
+        print(f"jaxpref data inspect: {e}", file=sys.stderr)
+        return 2
+    print(f"== {path}")
+    print("columns:")
+    for name, kind in next(iter(sources.values())).columns().items():
+        print(f"  {name}: {kind}")
+    for split, src in sources.items():
+        counts = [src.num_rows(i) for i in range(len(src.shards))]
+        total = "?" if None in counts else sum(counts)
+        print(f"split {split}: {total} rows in {len(src.shards)} shards")
+        for shard, n in zip(src.shards, counts):
+            print(f"  {os.path.basename(shard)}: {'?' if n is None else n} rows")
+    for split, src in sources.items():
+        for k, (shard, row_index, row) in enumerate(_first_rows(src, args.rows)):
+            print(f"-- {split} row {row_index} of {os.path.basename(src.shards[shard])}")
+            for name, value in row.items():
+                print(f"  {name}: {describe_value(value)}")
+            if args.save_images:
+                for j, img in enumerate(_images(row)):
+                    os.makedirs(args.save_images, exist_ok=True)
+                    out = os.path.join(args.save_images, f"{os.path.basename(path.rstrip('/'))}-{split}-{k}-{j}.png")
+                    img.save(out)
+                    print(f"  saved {out}")
+    return 0
+
+
+def _first_rows(src, n: int):
+    for shard in range(len(src.shards)):
+        for row_index, row in src.read(shard):
+            if n <= 0:
+                return
+            n -= 1
+            yield shard, row_index, row
+
+
+def _is_image(value) -> bool:
+    return isinstance(value, dict) and ("bytes" in value or "path" in value) and set(value) <= {"bytes", "path"}
+
+
+def _images(row: dict) -> list:
+    from PIL import Image
+
+    values = [v for col in ("images", "image") if col in row
+              for v in (row[col] if isinstance(row[col], list) else [row[col]]) if _is_image(v)]
+    return [Image.open(io.BytesIO(v["bytes"])) if v.get("bytes") else Image.open(v["path"]) for v in values]
+
+
+def describe_value(value, limit: int = 160) -> str:
+    """One line for a column value: images as format and size, conversations as `role: text` turns."""
+    if _is_image(value) or (isinstance(value, list) and value and all(_is_image(v) for v in value)):
+        from PIL import Image
+
+        described = []
+        for v in value if isinstance(value, list) else [value]:
+            try:
+                img = Image.open(io.BytesIO(v["bytes"])) if v.get("bytes") else Image.open(v["path"])
+                described.append(f"{img.format} {img.width}x{img.height} {img.mode}")
+            except (OSError, ValueError) as e:
+                described.append(f"undecodable image ({e})")
+        return "; ".join(described)
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        text = " | ".join(f"{m['role']}: {_content_text(m.get('content'))}" for m in value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        return json.dumps(value, default=str)[:limit]
+    return repr(text[:limit] + "..." if len(text) > limit else text)
+
+
+def _content_text(content) -> str:
+    if isinstance(content, list):
+        return " ".join("<image>" if isinstance(b, dict) and b.get("type") == "image"
+                        else str(b.get("text") if isinstance(b, dict) else b) for b in content)
+    return str(content)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxpref")
+    add_data_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
