@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_profile_parser(sub)
+    from .data.cli import add_data_parser
+    from .generate_cli import add_generate_parser
+    from .train import add_train_parsers
+
+    add_data_parser(sub)
+    add_generate_parser(sub)
+    add_train_parsers(sub)
     return parser
 
 

@@ -1,0 +1,406 @@
+"""Training configs: frozen dataclasses with TRL / transformers field names and defaults.
+
+    cfg = load_config("reward", "configs/shapes/reward.yaml", ["learning_rate=3e-4", "mesh.fsdp=2"])
+    print(to_yaml(cfg))
+
+A config is the algorithm's fields (TRL's `TrainingArguments` names, e.g. `learning_rate`,
+`per_device_train_batch_size`, plus the trainer's own: `center_rewards_coefficient` ...) and three
+jaxpref sections: `model` (what to train), `data` (what to read) and `mesh` (where to run).
+YAML files and `key=value` overrides (dotted for sections: `data.shuffle_buffer=64`) are parsed
+against the declared field types; an unknown key or a bad value raises ConfigError naming the
+key and what it allows. Algorithms register their config class with `register_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value jaxpref cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    name_or_path: str = "small"
+    """A preset name (`jaxpref.models.preset_names()`: random init) or a Hugging Face model directory."""
+    dtype: str = "float32"
+    """Parameter (master weight) dtype: float32 or bfloat16."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataArgs:
+    dataset_name: str = ""
+    """Dataset source: a local directory or glob of parquet/arrow/array_record shards (see jaxpref.data.sources)."""
+    dataset_train_split: str = "train"
+    """Split of `dataset_name` to train on."""
+    dataset_test_split: str | None = None
+    """Split to evaluate on (None: no evaluation)."""
+    tokenizer: str | None = None
+    """'shapes' (the built-in task's tokenizer) or a tokenizer directory; None: the model directory."""
+    on_bad_record: str = "error"
+    """What a row that cannot be processed does: stop the run ('error') or be counted and skipped ('skip')."""
+    shuffle_buffer: int = 1024
+    """Examples in the shuffle buffer of the training stream (1: no shuffling)."""
+    num_images: int = 1
+    """Images per row; a row with another number is a bad record."""
+    length_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+    """Padded lengths of prompts and completions: a step compiles once per bucket pair."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshArgs:
+    data: int = 1
+    """Data-parallel axis size (-1: the devices left over)."""
+    fsdp: int = -1
+    """Parameter-sharding (ZeRO-3) axis size (-1: the devices left over)."""
+    tensor: int = 1
+    """Tensor-parallel axis size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Fields every trainer shares (transformers' TrainingArguments names; TRL's defaults where TRL overrides)."""
+
+    output_dir: str = ""
+    """Where checkpoints, metrics.jsonl, TensorBoard events and the final model go (required)."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warmup (jaxpref.train.optim.SCHEDULES)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the training steps spent in linear warmup (used when warmup_steps is 0)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to learning_rate (takes precedence over warmup_ratio)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay; never applied to biases and norm scales."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon (added to the root of the second moment)."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global norm (0: no clipping)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step, accumulated inside one jitted step."""
+    per_device_train_batch_size: int = 8
+    """Training examples per batch-sharded device and micro-batch (global = this x data x fsdp)."""
+    per_device_eval_batch_size: int = 8
+    """Evaluation examples per batch-sharded device."""
+    num_train_epochs: float = 3.0
+    """Passes over the training data (used when max_steps <= 0; needs a source that knows its size)."""
+    max_steps: int = -1
+    """Optimizer steps to run; overrides num_train_epochs when > 0."""
+    seed: int = 42
+    """Seed of the parameter init, the data order and the step RNG."""
+    logging_steps: int = 10
+    """Optimizer steps between two lines of metrics.jsonl (values averaged over them, as TRL does)."""
+    eval_steps: int | None = None
+    """Evaluate every N optimizer steps (None: only at the end); needs data.dataset_test_split."""
+    save_steps: int = 500
+    """Save an Orbax checkpoint every N optimizer steps (and at the end)."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (None: all)."""
+    resume_from_checkpoint: str | bool | None = None
+    """true/'latest': the latest checkpoint in output_dir (fresh start if none); a path: that checkpoint."""
+    bf16: bool = True
+    """Compute in bfloat16 with float32 master parameters (TRL's default)."""
+    gradient_checkpointing: bool = True
+    """Recompute each layer's activations in the backward pass (TRL's default)."""
+    model: ModelArgs = ModelArgs()
+    """What to train."""
+    data: DataArgs = DataArgs()
+    """What to read."""
+    mesh: MeshArgs = MeshArgs()
+    """Device mesh sizes."""
+
+    def validate(self) -> "TrainingConfig":
+        """Checks every value; raises ConfigError naming the key and what it allows."""
+        from jaxpref.data.loader import BAD_RECORD_POLICIES
+        from jaxpref.train.optim import SCHEDULES
+
+        _check(bool(self.output_dir), "output_dir", "is required")
+        _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULES)
+        _choice("model.dtype", self.model.dtype, ("float32", "bfloat16"))
+        _choice("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
+        _check(bool(self.data.dataset_name), "data.dataset_name", "is required")
+        _check(self.learning_rate >= 0, "learning_rate", "must be >= 0")
+        _check(0 <= self.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        _check(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: no clipping)")
+        for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "logging_steps", "save_steps"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("warmup_steps",):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0, "max_steps",
+               "must be > 0 unless num_train_epochs is > 0")
+        for name in ("eval_steps", "save_total_limit"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, name, "must be >= 1 or null")
+        _check(self.eval_steps is None or self.data.dataset_test_split is not None, "eval_steps",
+               "needs data.dataset_test_split")
+        _check(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        _check(self.data.num_images >= 0, "data.num_images", "must be >= 0")
+        b = self.data.length_buckets
+        _check(bool(b) and list(b) == sorted(set(b)) and b[0] >= 1, "data.length_buckets",
+               "must be increasing positive lengths")
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self.mesh, name)
+            _check(v == -1 or v >= 1, f"mesh.{name}", "must be >= 1 or -1 (the devices left over)")
+        _check([self.mesh.data, self.mesh.fsdp, self.mesh.tensor].count(-1) <= 1, "mesh",
+               "at most one of data, fsdp, tensor may be -1")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(TrainingConfig):
+    """TRL's SFTConfig: loss on completion tokens only (prompt-completion data)."""
+
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW (TRL's SFT default)."""
+    max_length: int | None = 1024
+    """Prompt + completion tokens (image tokens included); longer examples are truncated."""
+    truncation_mode: str = "keep_start"
+    """Which end of the prompt text survives truncation: keep_start or keep_end."""
+
+    def validate(self) -> "SFTConfig":
+        from jaxpref.data.processing import TRUNCATION_MODES
+
+        super().validate()
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        _check(self.max_length is None or self.max_length >= 1, "max_length", "must be >= 1 or null")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig(TrainingConfig):
+    """TRL's RewardConfig: a scalar head on the VLM, pairwise loss."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW (TRL's reward default)."""
+    max_length: int | None = 1024
+    """Prompt + completion tokens (image tokens included); longer examples are truncated."""
+    center_rewards_coefficient: float | None = None
+    """Weight of mean((r_chosen + r_rejected)^2) in the loss, pulling rewards to mean zero (TRL suggests 0.01)."""
+
+    def validate(self) -> "RewardConfig":
+        super().validate()
+        _check(self.max_length is None or self.max_length >= 1, "max_length", "must be >= 1 or null")
+        c = self.center_rewards_coefficient
+        _check(c is None or c >= 0, "center_rewards_coefficient", "must be >= 0 or null")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# registry
+
+CONFIGS: dict[str, type[TrainingConfig]] = {}
+
+
+def register_config(name: str, cls: type[TrainingConfig]) -> type[TrainingConfig]:
+    """Makes `cls` loadable as `load_config(name, ...)` (e.g. register_config("dpo", DPOConfig))."""
+    CONFIGS[name] = cls
+    return cls
+
+
+register_config("sft", SFTConfig)
+register_config("reward", RewardConfig)
+
+
+# ---------------------------------------------------------------------------
+# building from YAML and overrides
+
+
+def _check(ok: bool, key: str, msg: str):
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(key: str, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {sorted(allowed)}")
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp))
+
+
+_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def _coerce(value: Any, tp, key: str, from_text: bool):
+    """`value` (from YAML, or a command-line string when from_text) as type `tp`, or ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (from_text and str(value).lower() in ("null", "none"))):
+            return None
+        for a in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):  # str last
+            try:
+                return _coerce(value, a, key, from_text)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        items = value
+        if isinstance(value, str):
+            items = [v for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, typing.get_args(tp)[0], key, True)
+                     for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+                if math.isfinite(f):
+                    return f
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if not from_text and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{key}: is a section; set its fields ({', '.join(_field_names(tp))}), "
+                          f"e.g. {key}.{_field_names(tp)[0]}=...")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _hints(cls).items():
+        if name not in _field_names(cls):
+            continue
+        out += _all_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return out
+
+
+def _set(tree: dict, cls, key: str, value, root, from_text: bool, prefix: str = ""):
+    """Sets dotted `key` of the nested dict `tree` (for dataclass `cls`), typed; `prefix` is the
+    section path so far (for messages)."""
+    head, _, rest = key.partition(".")
+    full = prefix + head
+    if head not in _field_names(cls):
+        raise ConfigError(f"unknown key {prefix + key!r} for {root.__name__}; allowed keys: "
+                          f"{', '.join(_all_keys(root))}")
+    tp = _hints(cls)[head]
+    if not dataclasses.is_dataclass(tp):
+        if rest:
+            raise ConfigError(f"{full}: is not a section, {prefix + key!r} does not exist")
+        tree[head] = _coerce(value, tp, full, from_text)
+    elif rest:
+        _set(tree.setdefault(head, {}), tp, rest, value, root, from_text, full + ".")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _set(tree.setdefault(head, {}), tp, str(k), v, root, from_text, full + ".")
+    else:
+        _coerce(value, tp, full, from_text)  # raises "is a section"
+
+
+def _build(cls, tree: dict):
+    kw = {}
+    for name, tp in _hints(cls).items():
+        if name in tree:
+            kw[name] = _build(tp, tree[name]) if dataclasses.is_dataclass(tp) else tree[name]
+    return cls(**kw)
+
+
+def config_from_dict(cls: type[TrainingConfig], d: dict, overrides: Sequence[str] = ()) -> TrainingConfig:
+    """A validated `cls` from a (YAML-loaded) dict and `key=value` overrides applied after it."""
+    tree: dict = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a mapping of keys to values, got {type(d).__name__}")
+    for k, v in d.items():
+        _set(tree, cls, str(k), v, cls, from_text=False)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. learning_rate=1e-4, mesh.fsdp=2)")
+        try:
+            _set(tree, cls, key.strip(), value.strip(), cls, from_text=True)
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+    return _build(cls, tree).validate()
+
+
+def load_config(kind: str, path: str | None = None, overrides: Sequence[str] = ()) -> TrainingConfig:
+    """The `kind` config ("sft", "reward", ...) from a YAML file (optional) plus overrides."""
+    if kind not in CONFIGS:
+        raise ConfigError(f"unknown trainer {kind!r}; choose one of {sorted(CONFIGS)}")
+    d: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return config_from_dict(CONFIGS[kind], d, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(cfg) -> dict:
+    """Plain dict (tuples as lists): what to_yaml writes and config_from_dict reads back."""
+    def plain(x):
+        return list(x) if isinstance(x, tuple) else x
+
+    return {f.name: to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else plain(v)
+            for f in dataclasses.fields(cfg)}
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_kind(cfg: TrainingConfig) -> str:
+    """The registry name of cfg's class."""
+    for name, cls in CONFIGS.items():
+        if type(cfg) is cls:
+            return name
+    raise ConfigError(f"{type(cfg).__name__} is not registered (register_config)")

@@ -1,0 +1,326 @@
+"""The training loop every trainer shares: setup, steps, logging, evaluation, checkpoints, export.
+
+    run(task, cfg)    # task: what differs between SFT, reward, ... (head, data kind, loss)
+
+Order within optimizer step s (1-based):
+  1. the jitted step on the next batch (A = gradient_accumulation_steps micro-batches);
+  2. s % logging_steps == 0 (or the last step): one record in metrics.jsonl / TensorBoard;
+  3. s % eval_steps == 0 (or the last step, when there is an eval split): evaluation;
+  4. s % save_steps == 0 (or the last step): an asynchronous Orbax checkpoint.
+Metrics stay on device until 2-4 need them; then every pending step's loss and grad_norm are
+checked, and a non-finite one stops the run (NonFiniteError) before anything is saved: the last
+checkpoint on disk predates it. At the end the model is exported as HF safetensors + config.json,
+the tokenizer and config.yaml, into output_dir.
+
+Batch sizes: a micro-batch holds per_device_train_batch_size x (mesh data x fsdp) rows globally
+(tensor-parallel devices share rows); each process loads its share of A micro-batches per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpref.config import ConfigError, TrainingConfig, to_dict, to_yaml
+from jaxpref.data.loader import Loader
+from jaxpref.data.processing import Processor, ProcessorConfig
+from jaxpref.data.sources import open_source
+from jaxpref.data.tokenizer import load_tokenizer
+from jaxpref.models import VLM, get_preset, load_pretrained, preset_names, save_pretrained
+from jaxpref.models.config import read_hf_config
+from jaxpref.models.hf import param_shapes
+from jaxpref.sharding import init_sharded, make_mesh, param_shardings
+from jaxpref.train.checkpoint import CHECKPOINTS, Checkpointer, complete_steps, gather_json, resolve_resume
+from jaxpref.train.logging import IntervalMeans, MetricsWriter
+from jaxpref.train.optim import make_optimizer, make_schedule
+from jaxpref.train.state import (BATCH_AXES, abstract_state, batch_sharding, eval_step, init_state,
+                                 jit_eval_step, jit_train_step, micro_batch_sharding, state_shardings, train_step)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a NaN/inf loss or gradient norm; the run stopped without saving it."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot start (e.g. it would overwrite another run's checkpoints)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What one trainer adds to the shared loop."""
+
+    head: str  # the model's head: "lm" or "scalar"
+    processor_config: Callable[[TrainingConfig], ProcessorConfig]  # how rows become examples
+    make_loss: Callable[[VLM, TrainingConfig], Callable]  # (compute model, cfg) -> loss_fn(params, batch)
+    count_tokens: Callable[[dict], jax.Array]  # batch -> tokens the model reads (TRL's num_tokens)
+
+
+# ---------------------------------------------------------------------------
+# setup pieces
+
+
+def build_model(cfg: TrainingConfig, head: str) -> VLM:
+    """The VLM module (master dtype) for model.name_or_path: a preset or an HF directory's config."""
+    name = cfg.model.name_or_path
+    if os.path.isdir(name):
+        vlm_config = read_hf_config(name)
+    elif name in preset_names():
+        vlm_config = get_preset(name)
+    else:
+        raise ConfigError(f"model.name_or_path: {name!r} is neither a directory nor a preset "
+                          f"({', '.join(preset_names())})")
+    return VLM(vlm_config, head=head, dtype=DTYPES[cfg.model.dtype])
+
+
+def initial_params(cfg: TrainingConfig, model: VLM, mesh):
+    """Weights of an HF directory (a missing scalar head is initialised from the seed), or a
+    random init of a preset, placed directly onto the mesh."""
+    rng = jax.random.key(cfg.seed)
+    if os.path.isdir(cfg.model.name_or_path):
+        return load_pretrained(cfg.model.name_or_path, cfg.model.dtype, head=model.head, mesh=mesh, rng=rng)[1]
+    return init_sharded(model, rng, mesh)
+
+
+def tokenizer_spec(cfg: TrainingConfig) -> str:
+    """data.tokenizer, else the model directory, else the built-in task's tokenizer (presets)."""
+    if cfg.data.tokenizer is not None:
+        return cfg.data.tokenizer
+    return cfg.model.name_or_path if os.path.isdir(cfg.model.name_or_path) else "shapes"
+
+
+def batch_shards(mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def plan_steps(cfg: TrainingConfig, source, step_rows: int) -> tuple[int, int | None]:
+    """(optimizer steps to run, rows per epoch or None when the source does not know)."""
+    counts = [source.num_rows(i) for i in range(len(source.shards))]
+    rows = None if None in counts else sum(counts)
+    if cfg.max_steps > 0:
+        return cfg.max_steps, rows
+    if rows is None:
+        raise ConfigError(f"max_steps: must be set: {source} does not know its size, which "
+                          f"num_train_epochs={cfg.num_train_epochs} needs")
+    return math.ceil(cfg.num_train_epochs * max(1, rows // step_rows)), rows
+
+
+def device_batch(host: dict, mesh, accum: int | None) -> dict:
+    """A process-local numpy batch -> global jax.Arrays: [A, B, ...] sharded on B when `accum`
+    is given (a train step's micro-batches), else [B, ...]. Non-numeric fields are dropped;
+    `valid` (float32, 1 = real row) is added when absent."""
+    arrays = {k: v for k, v in host.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+    n = len(arrays["prompt_ids"])
+    arrays.setdefault("valid", np.ones(n, np.float32))
+    procs = jax.process_count()
+    out = {}
+    for k, v in arrays.items():
+        if accum is None:
+            sharding, shape = batch_sharding(mesh), (n * procs,) + v.shape[1:]
+        else:
+            v = v.reshape((accum, n // accum) + v.shape[1:])
+            sharding, shape = micro_batch_sharding(mesh), (accum, n // accum * procs) + v.shape[2:]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
+def pad_rows(host: dict, size: int) -> dict:
+    """A batch of n <= size rows -> `size` rows; the added ones repeat row 0 with valid = 0."""
+    n = len(host["prompt_ids"])
+    out = {k: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) for k, v in host.items()
+           if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+    out["valid"] = (np.arange(size) < n).astype(np.float32)
+    return out
+
+
+def eval_batches(cfg: TrainingConfig, processor: Processor, local_rows: int) -> list[dict]:
+    """The whole eval split, processed once, in batches of `local_rows` (the last one padded);
+    every process gets the same number of batches (padding ones have valid = 0)."""
+    source = open_source(cfg.data.dataset_name, cfg.data.dataset_test_split)
+    loader = Loader(source, processor, processor.collate, batch_size=local_rows, seed=cfg.seed, shuffle_buffer=1,
+                    shuffle_shards=False, num_epochs=1, drop_remainder=False, on_bad_record=cfg.data.on_bad_record)
+    batches = [pad_rows(b, local_rows) for b in loader]
+    if not batches:
+        raise RunError(f"the eval split {cfg.data.dataset_test_split!r} of {source} has no usable rows")
+    most = max(gather_json(len(batches)))
+    blank = {**batches[0], "valid": np.zeros(local_rows, np.float32)}
+    return batches + [blank] * (most - len(batches))
+
+
+def export(model: VLM, params, tokenizer, cfg: TrainingConfig):
+    """output_dir: HF safetensors + config.json (transformers loads it), the tokenizer, config.yaml."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params)
+    if jax.process_index() == 0:
+        save_pretrained(model, jax.device_get(params), cfg.output_dir)
+        tokenizer.save_pretrained(cfg.output_dir)
+        write_config(cfg)
+
+
+def write_config(cfg: TrainingConfig):
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    train: Callable  # jitted (state, batch [A, B, ...]) -> (state, metrics); the state is donated
+    evaluate: Callable  # jitted (params, batch [B, ...]) -> Stats
+    tx: Any  # the optax optimizer
+    shardings: Any  # TrainState of NamedShardings
+
+
+def make_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int) -> Steps:
+    """The task's jitted train and eval steps on `mesh`: bf16 compute when cfg.bf16 (master params
+    stay in model.dtype), remat when cfg.gradient_checkpointing."""
+    tx = make_optimizer(cfg, total_steps)
+    p_shardings = param_shardings(model, mesh)
+    shardings = state_shardings(p_shardings, param_shapes(model), tx, mesh)
+    compute = model.clone(dtype=jnp.bfloat16 if cfg.bf16 else model.dtype, remat=cfg.gradient_checkpointing)
+    loss_fn = task.make_loss(compute, cfg)
+    train = jit_train_step(partial(train_step, loss_fn=loss_fn, tx=tx, schedule=make_schedule(cfg, total_steps),
+                                   count_tokens=task.count_tokens), shardings, mesh)
+    return Steps(train=train, evaluate=jit_eval_step(partial(eval_step, loss_fn=loss_fn), p_shardings, mesh),
+                 tx=tx, shardings=shardings)
+
+
+# ---------------------------------------------------------------------------
+# the loop
+
+
+def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
+    """Trains per `cfg`; returns the last evaluation's metrics ({} without an eval split)."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    primary = jax.process_index() == 0
+    ckpt_dir = os.path.join(cfg.output_dir, CHECKPOINTS)
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    if resume is None and (existing := complete_steps(ckpt_dir)):
+        raise RunError(f"{ckpt_dir} already holds checkpoints {existing}: set resume_from_checkpoint=true to "
+                       f"continue that run, or choose another output_dir")
+    checkpointer = Checkpointer(ckpt_dir, save_total_limit=cfg.save_total_limit)
+
+    model = build_model(cfg, task.head)
+    tokenizer = load_tokenizer(tokenizer_spec(cfg))
+    processor = Processor(model.config, tokenizer, task.processor_config(cfg))
+    source = open_source(cfg.data.dataset_name, cfg.data.dataset_train_split)
+    accum, procs = cfg.gradient_accumulation_steps, jax.process_count()
+    step_rows = cfg.per_device_train_batch_size * batch_shards(mesh) * accum
+    total, epoch_rows = plan_steps(cfg, source, step_rows)
+    steps = make_steps(task, cfg, model, mesh, total)
+    tx, shardings = steps.tx, steps.shardings
+
+    if resume is None:
+        state, data = init_state(initial_params(cfg, model, mesh), tx, cfg.seed, shardings), None
+    else:
+        directory, step = resume
+        target = abstract_state(shardings, param_shapes(model), tx)
+        if directory == checkpointer.directory:
+            state, data, saved_cfg = checkpointer.restore(step, target)
+        else:
+            other = Checkpointer(directory, read_only=True)
+            state, data, saved_cfg = other.restore(step, target)
+            other.close()
+        changed = {k for k, v in to_dict(cfg).items() if saved_cfg.get(k) != v and k != "resume_from_checkpoint"}
+        log.info("resumed from %s/%d%s", directory, step, f" (config changed: {sorted(changed)})" if changed else "")
+
+    loader = Loader(source, processor, processor.collate, batch_size=step_rows // procs, seed=cfg.seed,
+                    shuffle_buffer=cfg.data.shuffle_buffer, on_bad_record=cfg.data.on_bad_record,
+                    state=data["loaders"][jax.process_index()] if data else None)
+    eval_rows = cfg.per_device_eval_batch_size * batch_shards(mesh) // procs
+    eval_data = None  # processed on first use
+
+    start = int(jax.device_get(state.step))
+    interval = IntervalMeans(data["interval"] if data else None)
+    num_tokens = data["num_tokens"] if data else 0
+    writer = MetricsWriter(cfg.output_dir, resume_step=start if resume else None, enabled=primary)
+    if primary:
+        write_config(cfg)
+    pending: list[tuple[int, dict]] = []
+    last_eval: dict[str, float] = {}
+
+    def epoch(s: int) -> float:
+        return s * step_rows / epoch_rows if epoch_rows else float(loader.state()["epoch"])
+
+    def flush():
+        """Checks and accumulates every pending step's metrics."""
+        nonlocal num_tokens
+        for s, m in jax.device_get(pending):
+            m = {k: float(v) for k, v in m.items()}
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                checkpointer.wait()
+                saved = checkpointer.latest_step()
+                raise NonFiniteError(
+                    f"step {s}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; stopping without "
+                    f"saving. The last checkpoint ({'none' if saved is None else f'{ckpt_dir}/{saved}'}) predates "
+                    f"it and is untouched: lower learning_rate or check the data, then resume from it.")
+            num_tokens += int(m["num_tokens"])
+            m["num_tokens"] = num_tokens
+            interval.add(m)
+        pending.clear()
+
+    def evaluate(s: int):
+        nonlocal eval_data, last_eval
+        if eval_data is None:
+            eval_data = eval_batches(cfg, processor, eval_rows)
+        t0, stats = time.perf_counter(), None
+        for host in eval_data:
+            out = jax.device_get(steps.evaluate(state.params, device_batch(host, mesh, None)))
+            stats = out if stats is None else stats.merge(out)
+        rows = int(sum(b["valid"].sum() for b in eval_data)) * procs
+        elapsed = time.perf_counter() - t0
+        last_eval = {f"eval_{k}": float(v) for k, v in stats.report().items()}
+        writer.write({"step": s, "epoch": epoch(s), **last_eval, "eval_runtime": elapsed,
+                      "eval_samples_per_second": rows / elapsed})
+        log.info("step %d: %s", s, " ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, disable=not primary, unit="step", dynamic_ncols=True)
+    t0, batches = time.perf_counter(), iter(loader)
+    try:
+        for s in range(start + 1, total + 1):
+            state, metrics = steps.train(state, device_batch(next(batches), mesh, accum))
+            pending.append((s, metrics))
+            bar.update(1)
+            last = s == total
+            if s % cfg.logging_steps == 0 or last:
+                flush()
+                record = interval.pop()
+                writer.write({"step": s, "epoch": epoch(s), **record})
+                rate = (s - start) * step_rows / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{rate:.1f}")
+            if cfg.data.dataset_test_split is not None and ((cfg.eval_steps and s % cfg.eval_steps == 0) or last):
+                flush()
+                evaluate(s)
+            if s % cfg.save_steps == 0 or last:
+                flush()
+                checkpointer.save(s, state, {"loaders": gather_json(loader.state()), "num_tokens": num_tokens,
+                                             "interval": interval.state()}, to_dict(cfg))
+        flush()
+        elapsed = time.perf_counter() - t0
+        if total > start:
+            writer.write({"step": total, "epoch": epoch(total), "train_runtime": elapsed,
+                          "train_samples_per_second": (total - start) * step_rows / elapsed,
+                          "train_steps_per_second": (total - start) / elapsed})
+        checkpointer.wait()
+        export(model, state.params, tokenizer, cfg)
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    return last_eval

@@ -1,0 +1,73 @@
+"""The reward model for VLMs (TRL's RewardTrainer, extended to images): a scalar head on the VLM
+backbone, scored at the last token of prompt + completion, trained on preference pairs.
+
+    jaxpref reward --config configs/shapes/reward.yaml [key=value ...]
+
+Chosen and rejected go through ONE forward pass, interleaved on the batch axis (rows 2i and
+2i + 1 are pair i, so each device keeps its own pairs), and each pair's images are encoded once.
+Evaluation reports eval_accuracy: the held-out pairwise accuracy.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax.numpy as jnp
+
+from jaxpref.config import RewardConfig
+from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
+from jaxpref.models import VLM
+from jaxpref.objectives.reward import last_token_values, reward_loss
+from jaxpref.train.loop import Task, run
+from jaxpref.train.sft import images
+from jaxpref.train.state import cast_floats
+
+
+def interleave(a, b):
+    """[B, ...] and [B, ...] -> [2B, ...] with rows a0, b0, a1, b1, ..."""
+    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+
+def rewards(params, batch: dict, *, model: VLM):
+    """(r_chosen float32[B], r_rejected float32[B]) for a preference batch: prompt_ids/prompt_mask
+    int32[B, Lp], chosen_/rejected_ids and _mask int32[B, Lc], pixel_values float32[B, n, H, W, 3]."""
+    variables = {"params": cast_floats(params, model.dtype)}
+    px = images(batch)
+    features = None if px is None else model.apply(variables, px, method=VLM.encode_images)  # [B, n, N, E]
+    chosen, rejected = (concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch[f"{c}_ids"],
+                                                 batch[f"{c}_mask"]) for c in ("chosen", "rejected"))
+    seq = {k: interleave(chosen[k], rejected[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    values = model.apply(variables, None, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"],
+                         image_features=None if features is None else jnp.repeat(features, 2, axis=0)).logits
+    r = last_token_values(values, seq["attention_mask"]).reshape(-1, 2)
+    return r[:, 0], r[:, 1]
+
+
+def loss_fn(params, batch: dict, *, model: VLM, center_rewards_coefficient: float | None):
+    """(loss_sum, Stats) of one micro-batch (see `rewards`; margin float32[B] when the data has it)."""
+    r_chosen, r_rejected = rewards(params, batch, model=model)
+    return reward_loss(r_chosen, r_rejected, batch["valid"], margin=batch.get("margin"),
+                       center_rewards_coefficient=center_rewards_coefficient)
+
+
+def count_tokens(batch: dict):
+    """Tokens of both sequences, prompt included (TRL's num_tokens)."""
+    return 2 * jnp.sum(batch["prompt_mask"]) + jnp.sum(batch["chosen_mask"]) + jnp.sum(batch["rejected_mask"])
+
+
+def processor_config(cfg: RewardConfig) -> ProcessorConfig:
+    return ProcessorConfig(kind="preference", max_prompt_length=None, max_completion_length=None,
+                           max_length=cfg.max_length, num_images=cfg.data.num_images,
+                           length_buckets=cfg.data.length_buckets)
+
+
+def _make_loss(model: VLM, cfg: RewardConfig):
+    return partial(loss_fn, model=model, center_rewards_coefficient=cfg.center_rewards_coefficient)
+
+
+TASK = Task(head="scalar", processor_config=processor_config, make_loss=_make_loss, count_tokens=count_tokens)
+
+
+def run_reward(cfg: RewardConfig) -> dict[str, float]:
+    """Trains per cfg; the reward model (HF safetensors with `score.weight`) lands in cfg.output_dir."""
+    return run(TASK, cfg)
