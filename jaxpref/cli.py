@@ -4,7 +4,8 @@
     jaxpref data shapes --out DIR                  write the built-in task's datasets
     jaxpref data inspect PATH                      schema, counts and a few rows of a dataset
     jaxpref generate --model DIR --image P --prompt T
-    jaxpref sft --config F [key=value ...]         (and reward, ...)
+    jaxpref sft --config F [key=value ...]         (and reward, dpo)
+    jaxpref eval --policy DIR --reference DIR --data DIR   gold-judge / reward-model win-rate
 
 Each subcommand lives beside the code it drives; this file only dispatches.
 """
@@ -71,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_profile_parser(sub)
     from .data.cli import add_data_parser
+    from .eval import add_eval_parser
     from .generate_cli import add_generate_parser
     from .train import add_train_parsers
 
     add_data_parser(sub)
     add_generate_parser(sub)
     add_train_parsers(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -202,6 +202,53 @@ class RewardConfig(TrainingConfig):
         return self
 
 
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(TrainingConfig):
+    """TRL's DPOConfig: the policy against a frozen reference, straight from preference pairs."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW (TRL's DPO default)."""
+    beta: float = 0.1
+    """Strength of the implicit KL leash to the reference (TRL's beta)."""
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    """One loss type or several summed with loss_weights (jaxpref.objectives.dpo.LOSSES)."""
+    loss_weights: tuple[float, ...] | None = None
+    """Weight of each loss_type (None: 1 each)."""
+    label_smoothing: float = 0.0
+    """Assumed label-noise rate of the pairs, in [0, 0.5): used by the robust loss."""
+    max_length: int | None = 1024
+    """Prompt + longest completion tokens (image tokens included); longer examples are truncated."""
+    max_prompt_length: int | None = 512
+    """Prompt tokens, image tokens included (only the prompt's text is ever cut; null: no limit)."""
+    max_completion_length: int | None = None
+    """Completion tokens (eos included); the start is kept (null: only max_length applies)."""
+    truncation_mode: str = "keep_start"
+    """Which end of the prompt text survives truncation: keep_start or keep_end."""
+    precompute_ref_log_probs: bool = False
+    """Run the reference once over the train and eval splits before training, store its log-probs
+    by row position in output_dir/ref_logps/, and free it (works with images, unlike TRL)."""
+    ref_model: str | None = None
+    """The frozen reference: a preset or an HF directory (null: the weights training starts from)."""
+
+    def validate(self) -> "DPOConfig":
+        from jaxpref.data.processing import TRUNCATION_MODES
+        from jaxpref.objectives.dpo import LOSSES
+
+        super().validate()
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        _check(bool(self.loss_type), "loss_type", f"needs at least one of {sorted(LOSSES)}")
+        for t in self.loss_type:
+            _choice("loss_type", t, sorted(LOSSES))
+        _check(self.loss_weights is None or len(self.loss_weights) == len(self.loss_type), "loss_weights",
+               f"has {len(self.loss_weights or ())} entries but loss_type has {len(self.loss_type)}")
+        _check(self.beta > 0, "beta", "must be > 0")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, name, "must be >= 1 or null")
+        return self
+
+
 # ---------------------------------------------------------------------------
 # registry
 
@@ -216,6 +263,7 @@ def register_config(name: str, cls: type[TrainingConfig]) -> type[TrainingConfig
 
 register_config("sft", SFTConfig)
 register_config("reward", RewardConfig)
+register_config("dpo", DPOConfig)
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,9 @@ from jaxpref.models.config import VLMConfig
 KINDS = ("preference", "prompt", "sft")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 ROLES = ("system", "user", "assistant")
+# Numeric columns a row may carry through to the batch: the reward model's optional `margin`, and
+# the reference log-probs DPO's precompute_ref_log_probs attaches (jaxpref.train.dpo).
+FLOAT_COLUMNS = ("margin", "ref_chosen_logps", "ref_rejected_logps")
 # Per vision tower: (mean, std) of the normalisation, as in SiglipImageProcessor / CLIPImageProcessor.
 IMAGE_STATS = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -290,8 +293,8 @@ class Processor:
     """One row (a dict in TRL's schema) -> one unpadded example; a list of examples -> a padded batch.
 
     Example fields: prompt_ids int32[Lp]; chosen_ids, rejected_ids int32[Lc] (preference) or
-    completion_ids int32[Lc] (sft); pixel_values float32[num_images, H, W, 3]; margin float32[]
-    and scene (str) when the row has them.
+    completion_ids int32[Lc] (sft); pixel_values float32[num_images, H, W, 3]; the FLOAT_COLUMNS
+    (margin, precomputed reference log-probs) as float32[] and scene (str) when the row has them.
     """
 
     def __init__(self, model_config: VLMConfig, tokenizer, config: ProcessorConfig):
@@ -325,11 +328,12 @@ class Processor:
             "pixel_values": np.stack(images) if images else np.zeros((0, size, size, 3), np.float32),
         }
         out.update({f"{name}_ids": ids for (name, _, _), ids in zip(completions, completion_ids)})
-        if "margin" in row:
-            m = row["margin"]
-            if isinstance(m, bool) or not isinstance(m, (int, float, np.number)) or not math.isfinite(m):
-                raise BadRecordError("margin", f"expected a finite number, got {_describe(m)}")
-            out["margin"] = np.asarray(m, np.float32)
+        for key in FLOAT_COLUMNS:
+            if key in row:
+                m = row[key]
+                if isinstance(m, bool) or not isinstance(m, (int, float, np.number)) or not math.isfinite(m):
+                    raise BadRecordError(key, f"expected a finite number, got {_describe(m)}")
+                out[key] = np.asarray(m, np.float32)
         if "scene" in row:
             if not isinstance(row["scene"], str):
                 raise BadRecordError("scene", f"expected a string, got {_describe(row['scene'])}")
@@ -419,7 +423,7 @@ class Processor:
 
         prompt_ids, prompt_mask int32[B, Lp]; chosen_/rejected_ids and _mask int32[B, Lc] (one Lc for
         both) or completion_ids, completion_mask int32[B, Lc]; pixel_values float32[B, N, H, W, 3];
-        margin float32[B] and scene object[B] when the examples have them.
+        the FLOAT_COLUMNS as float32[B] and scene object[B] when the examples have them.
         """
         if not examples:
             raise ValueError("collate needs at least one example")
@@ -435,7 +439,7 @@ class Processor:
                 batch[f"{n}_ids"], batch[f"{n}_mask"] = pad_to([e[f"{n}_ids"] for e in examples], length,
                                                                 pad_id, "right")
         batch["pixel_values"] = np.stack([e["pixel_values"] for e in examples]).astype(np.float32)
-        for key, dtype in (("margin", np.float32), ("scene", object)):
+        for key, dtype in [(k, np.float32) for k in FLOAT_COLUMNS] + [("scene", object)]:
             present = sum(key in e for e in examples)
             if present not in (0, len(examples)):
                 raise ValueError(f"{present} of {len(examples)} examples have {key!r}: a column must be in every row")

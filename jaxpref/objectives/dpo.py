@@ -125,3 +125,66 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
               f32(chosen_logps), f32(chosen_lengths), f32(rejected_lengths), beta, label_smoothing)
     loss = sum(w * LOSSES[name](t) for name, w in zip(types, weights))
     return loss, beta * jax.lax.stop_gradient(t.s_c), beta * jax.lax.stop_gradient(t.s_r)
+
+
+# ---------------------------------------------------------------------------
+# from logits to the loss and TRL's metrics
+
+
+def token_logps(logits, input_ids):
+    """logits float[N, T, V], input_ids int[N, T] -> (logp float32[N, T-1] of each next token,
+    log_softmax float32[N, T-1, V]); position t predicts token t + 1."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0], logp
+
+
+def completion_logps(logits, input_ids, completion_mask):
+    """Per-sequence sums of the completion tokens' log-probs: float32[N] (logits float[N, T, V],
+    input_ids, completion_mask int[N, T], the mask being 1 on completion tokens)."""
+    logp, _ = token_logps(logits, input_ids)
+    return jnp.sum(logp * completion_mask[:, 1:], axis=-1)
+
+
+def dpo_objective(logits, input_ids, completion_mask, ref_chosen_logps, ref_rejected_logps, valid, *,
+                  beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
+                  loss_weights: Sequence[float] | None = None, label_smoothing: float = 0.0):
+    """The DPO loss of one micro-batch and TRL's metrics, from the policy's logits.
+
+    logits float[2B, T, V], input_ids, completion_mask int[2B, T]: pairs interleaved on the batch
+    axis (row 2i chosen, 2i + 1 rejected of pair i); ref_*_logps float32[B] (the reference's
+    completion log-prob sums); valid float32[B] (0 on padding pairs).
+    Returns (loss_sum float32[], Stats): loss, rewards/{chosen,rejected,accuracies,margins},
+    logps/{chosen,rejected} (per-sequence sums, averaged over pairs), logits/{chosen,rejected}
+    (the vocabulary-mean logit averaged over completion tokens), entropy (over completion tokens of
+    both), mean_token_accuracy (argmax = next token, over the chosen completions), as TRL logs them.
+    """
+    from . import Stats, masked_sum
+
+    tok, logp = token_logps(logits, input_ids)
+    mask = completion_mask[:, 1:].astype(jnp.float32) * jnp.repeat(valid, 2)[:, None]  # [2B, T-1]
+    sums = jnp.sum(tok * mask, axis=-1).reshape(-1, 2)  # [B, 2]
+    lengths = jnp.sum(mask, axis=-1).reshape(-1, 2)
+    loss, r_c, r_r = dpo_loss(sums[:, 0], sums[:, 1], ref_chosen_logps * valid, ref_rejected_logps * valid,
+                              lengths[:, 0], lengths[:, 1], beta=beta, loss_type=loss_type,
+                              loss_weights=loss_weights, label_smoothing=label_smoothing)
+    n = jnp.sum(valid)
+    per_tok = lambda x: jnp.sum((x * mask).reshape(-1, 2, mask.shape[-1]), axis=(0, 2))  # [2]: chosen, rejected
+    tokens = per_tok(jnp.ones_like(mask))
+    mean_logit = per_tok(jax.lax.stop_gradient(jnp.mean(logits[:, :-1].astype(jnp.float32), axis=-1)))
+    entropy = jax.lax.stop_gradient(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
+    correct = (jnp.argmax(logp, axis=-1) == input_ids[:, 1:]).astype(jnp.float32)
+    loss_sum = masked_sum(loss, valid)
+    stats = Stats(means={
+        "loss": (loss_sum, n),
+        "rewards/chosen": (masked_sum(r_c, valid), n),
+        "rewards/rejected": (masked_sum(r_r, valid), n),
+        "rewards/accuracies": (masked_sum(r_c > r_r, valid), n),
+        "rewards/margins": (masked_sum(r_c - r_r, valid), n),
+        "logps/chosen": (masked_sum(jax.lax.stop_gradient(sums[:, 0]), valid), n),
+        "logps/rejected": (masked_sum(jax.lax.stop_gradient(sums[:, 1]), valid), n),
+        "logits/chosen": (mean_logit[0], tokens[0]),
+        "logits/rejected": (mean_logit[1], tokens[1]),
+        "entropy": (jnp.sum(entropy * mask), jnp.sum(mask)),
+        "mean_token_accuracy": (per_tok(correct)[0], tokens[0]),
+    })
+    return loss_sum, stats

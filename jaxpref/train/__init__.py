@@ -5,7 +5,7 @@ algorithm.
     from jaxpref.train import run_reward
     metrics = run_reward(load_config("reward", "configs/shapes/reward.yaml", ["max_steps=100"]))
 
-CLI: `jaxpref sft --config F [key=value ...]`, `jaxpref reward --config F [key=value ...]`.
+CLI: `jaxpref sft|reward|dpo --config F [key=value ...]`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 
 TRAINERS = {"sft": "supervised fine-tuning on prompt-completion data (loss on the completion)",
-            "reward": "a reward model (scalar head) on preference pairs"}
+            "reward": "a reward model (scalar head) on preference pairs",
+            "dpo": "the policy with DPO on preference pairs, against a frozen reference"}
 
 
 def run_sft(cfg):
@@ -30,11 +31,18 @@ def run_reward(cfg):
     return run(cfg)
 
 
-RUNNERS = {"sft": run_sft, "reward": run_reward}
+def run_dpo(cfg):
+    """See jaxpref.train.dpo.run_dpo."""
+    from jaxpref.train.dpo import run_dpo as run
+
+    return run(cfg)
+
+
+RUNNERS = {"sft": run_sft, "reward": run_reward, "dpo": run_dpo}
 
 
 def add_train_parsers(subparsers):
-    """Registers `sft` and `reward`: `--config F` (YAML) and `key=value` overrides (dotted for
+    """Registers `sft`, `reward` and `dpo`: `--config F` (YAML) and `key=value` overrides (dotted for
     the model/data/mesh sections)."""
     for name, help_text in TRAINERS.items():
         p = subparsers.add_parser(name, help=f"train {help_text}",

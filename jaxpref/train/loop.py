@@ -66,6 +66,17 @@ class Task:
     processor_config: Callable[[TrainingConfig], ProcessorConfig]  # how rows become examples
     make_loss: Callable[[VLM, TrainingConfig], Callable]  # (compute model, cfg) -> loss_fn(params, batch)
     count_tokens: Callable[[dict], jax.Array]  # batch -> tokens the model reads (TRL's num_tokens)
+    # (cfg, mesh) -> (params, shardings) the loss reads but never trains (DPO's reference model), or
+    # None; the loss is then called as loss_fn(params, batch, frozen=params)
+    frozen: Callable[[TrainingConfig, Any], tuple[Any, Any] | None] | None = None
+    # (cfg, split) -> the split's source, for tasks that add columns to the rows (default: open_source)
+    open_split: Callable[[TrainingConfig, str], Any] | None = None
+
+    def source(self, cfg: TrainingConfig, split: str):
+        """The source of `split` of cfg.data.dataset_name, as this task reads it."""
+        if self.open_split is not None:
+            return self.open_split(cfg, split)
+        return open_source(cfg.data.dataset_name, split)
 
 
 # ---------------------------------------------------------------------------
@@ -145,10 +156,10 @@ def pad_rows(host: dict, size: int) -> dict:
     return out
 
 
-def eval_batches(cfg: TrainingConfig, processor: Processor, local_rows: int) -> list[dict]:
-    """The whole eval split, processed once, in batches of `local_rows` (the last one padded);
-    every process gets the same number of batches (padding ones have valid = 0)."""
-    source = open_source(cfg.data.dataset_name, cfg.data.dataset_test_split)
+def eval_batches(cfg: TrainingConfig, processor: Processor, local_rows: int, source=None) -> list[dict]:
+    """The whole eval split (or `source`), processed once, in batches of `local_rows` (the last one
+    padded); every process gets the same number of batches (padding ones have valid = 0)."""
+    source = source if source is not None else open_source(cfg.data.dataset_name, cfg.data.dataset_test_split)
     loader = Loader(source, processor, processor.collate, batch_size=local_rows, seed=cfg.seed, shuffle_buffer=1,
                     shuffle_shards=False, num_epochs=1, drop_remainder=False, on_bad_record=cfg.data.on_bad_record)
     batches = [pad_rows(b, local_rows) for b in loader]
@@ -179,10 +190,17 @@ def write_config(cfg: TrainingConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    train: Callable  # jitted (state, batch [A, B, ...]) -> (state, metrics); the state is donated
-    evaluate: Callable  # jitted (params, batch [B, ...]) -> Stats
+    train: Callable  # jitted (state, batch [A, B, ...][, frozen]) -> (state, metrics); the state is donated
+    evaluate: Callable  # jitted (params, batch [B, ...][, frozen]) -> Stats
     tx: Any  # the optax optimizer
     shardings: Any  # TrainState of NamedShardings
+    frozen: Any = None  # the task's frozen params (on the mesh), passed to both steps; None: none
+
+    def step(self, state, batch):
+        return self.train(state, batch) if self.frozen is None else self.train(state, batch, self.frozen)
+
+    def stats(self, params, batch):
+        return self.evaluate(params, batch) if self.frozen is None else self.evaluate(params, batch, self.frozen)
 
 
 def make_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int) -> Steps:
@@ -193,10 +211,12 @@ def make_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: i
     shardings = state_shardings(p_shardings, param_shapes(model), tx, mesh)
     compute = model.clone(dtype=jnp.bfloat16 if cfg.bf16 else model.dtype, remat=cfg.gradient_checkpointing)
     loss_fn = task.make_loss(compute, cfg)
+    frozen = task.frozen(cfg, mesh) if task.frozen is not None else None
+    frozen_params, frozen_shardings = frozen if frozen is not None else (None, None)
     train = jit_train_step(partial(train_step, loss_fn=loss_fn, tx=tx, schedule=make_schedule(cfg, total_steps),
-                                   count_tokens=task.count_tokens), shardings, mesh)
-    return Steps(train=train, evaluate=jit_eval_step(partial(eval_step, loss_fn=loss_fn), p_shardings, mesh),
-                 tx=tx, shardings=shardings)
+                                   count_tokens=task.count_tokens), shardings, mesh, frozen_shardings)
+    evaluate = jit_eval_step(partial(eval_step, loss_fn=loss_fn), p_shardings, mesh, frozen_shardings)
+    return Steps(train=train, evaluate=evaluate, tx=tx, shardings=shardings, frozen=frozen_params)
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +237,7 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
     model = build_model(cfg, task.head)
     tokenizer = load_tokenizer(tokenizer_spec(cfg))
     processor = Processor(model.config, tokenizer, task.processor_config(cfg))
-    source = open_source(cfg.data.dataset_name, cfg.data.dataset_train_split)
+    source = task.source(cfg, cfg.data.dataset_train_split)
     accum, procs = cfg.gradient_accumulation_steps, jax.process_count()
     step_rows = cfg.per_device_train_batch_size * batch_shards(mesh) * accum
     total, epoch_rows = plan_steps(cfg, source, step_rows)
@@ -276,10 +296,10 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
     def evaluate(s: int):
         nonlocal eval_data, last_eval
         if eval_data is None:
-            eval_data = eval_batches(cfg, processor, eval_rows)
+            eval_data = eval_batches(cfg, processor, eval_rows, task.source(cfg, cfg.data.dataset_test_split))
         t0, stats = time.perf_counter(), None
         for host in eval_data:
-            out = jax.device_get(steps.evaluate(state.params, device_batch(host, mesh, None)))
+            out = jax.device_get(steps.stats(state.params, device_batch(host, mesh, None)))
             stats = out if stats is None else stats.merge(out)
         rows = int(sum(b["valid"].sum() for b in eval_data)) * procs
         elapsed = time.perf_counter() - t0
@@ -294,7 +314,7 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
     t0, batches = time.perf_counter(), iter(loader)
     try:
         for s in range(start + 1, total + 1):
-            state, metrics = steps.train(state, device_batch(next(batches), mesh, accum))
+            state, metrics = steps.step(state, device_batch(next(batches), mesh, accum))
             pending.append((s, metrics))
             bar.update(1)
             last = s == total

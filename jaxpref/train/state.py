@@ -12,6 +12,7 @@ divides by the total count: the gradient of the exact mean over the global batch
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import flax.struct
@@ -38,14 +39,19 @@ def cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable, tx: optax.GradientTransformation,
                schedule: Callable, count_tokens: Callable) -> tuple[TrainState, dict]:
     """One optimizer step on `batch` (dict of arrays [A, B, ...]: A micro-batches of B rows).
+
+    `frozen`: parameters the loss reads but never trains (DPO's reference model), passed to it as
+    `loss_fn(params, micro_batch, frozen=frozen)`; None for losses that need none.
 
     Returns the new state and metrics: the loss function's statistics over the whole batch,
     grad_norm (before clipping), learning_rate (at the new step, as transformers logs it) and
     num_tokens (count_tokens(batch): the tokens the model read in this step).
     """
+    if frozen is not None:
+        loss_fn = partial(loss_fn, frozen=frozen)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     first = jax.tree.map(lambda x: x[0], batch)
     shapes = jax.eval_shape(lambda: loss_fn(state.params, first)[1])
@@ -68,9 +74,9 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, tx: optax.G
     return new, metrics
 
 
-def eval_step(params, batch: dict, *, loss_fn: Callable) -> Stats:
-    """Statistics of one evaluation batch (dict of arrays [B, ...])."""
-    return loss_fn(params, batch)[1]
+def eval_step(params, batch: dict, frozen=None, *, loss_fn: Callable) -> Stats:
+    """Statistics of one evaluation batch (dict of arrays [B, ...]); `frozen` as in train_step."""
+    return (loss_fn(params, batch) if frozen is None else loss_fn(params, batch, frozen=frozen))[1]
 
 
 # ---------------------------------------------------------------------------
@@ -127,14 +133,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def jit_train_step(step_fn: Callable, shardings: TrainState, mesh: Mesh):
-    """step_fn(state, batch) jitted: explicit in/out shardings, the state donated."""
+def jit_train_step(step_fn: Callable, shardings: TrainState, mesh: Mesh, frozen_shardings=None):
+    """step_fn(state, batch) jitted: explicit in/out shardings, the state donated. With
+    `frozen_shardings` the jitted function is step_fn(state, batch, frozen)."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step_fn, in_shardings=(shardings, micro_batch_sharding(mesh)),
+    extra = () if frozen_shardings is None else (frozen_shardings,)
+    return jax.jit(step_fn, in_shardings=(shardings, micro_batch_sharding(mesh), *extra),
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def jit_eval_step(eval_fn: Callable, param_shardings, mesh: Mesh):
-    """eval_fn(params, batch) jitted with explicit shardings; statistics replicated."""
-    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding(mesh)),
+def jit_eval_step(eval_fn: Callable, param_shardings, mesh: Mesh, frozen_shardings=None):
+    """eval_fn(params, batch) jitted with explicit shardings; statistics replicated. With
+    `frozen_shardings` the jitted function is eval_fn(params, batch, frozen)."""
+    extra = () if frozen_shardings is None else (frozen_shardings,)
+    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding(mesh), *extra),
                    out_shardings=NamedSharding(mesh, P()))
