@@ -249,6 +249,81 @@ class DPOConfig(TrainingConfig):
         return self
 
 
+@dataclasses.dataclass(frozen=True)
+class PPOConfig(TrainingConfig):
+    """TRL's PPOConfig: policy + value model trained, reference + reward model frozen.
+    model.name_or_path is the policy's start (TRL's sft_model_path). One step is one PPO
+    iteration: a rollout batch of per_device_train_batch_size x (data x fsdp) x
+    gradient_accumulation_steps x num_mini_batches prompts, then the update."""
+
+    learning_rate: float = 3e-6
+    """Peak learning rate of AdamW (TRL's PPO default); the schedule advances once per iteration."""
+    reward_model_path: str = ""
+    """The frozen reward model: an HF directory with a scalar head (jaxpref reward's output) (required)."""
+    value_model_path: str | None = None
+    """The value model's start (null: reward_model_path, as TRL initialises it)."""
+    ref_model: str | None = None
+    """The frozen reference (null: the policy's starting weights, model.name_or_path)."""
+    frozen_dtype: str = "float32"
+    """dtype the reference and reward model are held in: float32 or bfloat16."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Mini-batches (one optimizer step each) per epoch."""
+    total_episodes: int | None = None
+    """Prompts to roll out in all (sets max_steps = ceil(total_episodes / rollout batch) when max_steps <= 0)."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty to the reference in the reward."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimate: k1 (logp - ref) or k3 ((r - 1) - log r, r = ref / p)."""
+    cliprange: float = 0.2
+    """Policy ratio clip range."""
+    cliprange_value: float = 0.2
+    """Value prediction clip range around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (no mean shift) before GAE."""
+    response_length: int = 53
+    """Tokens sampled per response."""
+    temperature: float = 0.7
+    """Sampling temperature; every log-prob uses logits / (temperature + 1e-7)."""
+    stop_token: str | None = None
+    """'eos': responses end at the model's eos token (everything after it is pad); null: no stop token."""
+    stop_token_id: int | None = None
+    """A stop token id (overrides stop_token)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses without a stop token (null: none)."""
+    max_prompt_length: int | None = None
+    """Prompt tokens, image tokens included (only the prompt's text is cut, from the start; null: no limit)."""
+    eval_num_prompts: int = 64
+    """Held-out prompts the policy and the reference answer at each evaluation."""
+
+    def validate(self) -> "PPOConfig":
+        from jaxpref.objectives.ppo import KL_ESTIMATORS
+
+        super().validate()
+        _check(bool(self.reward_model_path), "reward_model_path", "is required")
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("frozen_dtype", self.frozen_dtype, ("float32", "bfloat16"))
+        _check(self.stop_token in (None, "eos"), "stop_token", "must be 'eos' or null")
+        for name in ("num_ppo_epochs", "num_mini_batches", "response_length", "eval_num_prompts"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("kl_coef", "cliprange", "cliprange_value", "vf_coef"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.total_episodes is None or self.total_episodes >= 1, "total_episodes", "must be >= 1 or null")
+        _check(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length",
+               "must be >= 1 or null")
+        return self
+
+
 # ---------------------------------------------------------------------------
 # registry
 
@@ -264,6 +339,7 @@ def register_config(name: str, cls: type[TrainingConfig]) -> type[TrainingConfig
 register_config("sft", SFTConfig)
 register_config("reward", RewardConfig)
 register_config("dpo", DPOConfig)
+register_config("ppo", PPOConfig)
 
 
 # ---------------------------------------------------------------------------

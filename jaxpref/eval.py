@@ -3,6 +3,7 @@ win-rate, mean judge score, response length, KL to the reference, and the sample
 
     jaxpref eval --policy runs/shapes-dpo --reference runs/shapes-sft --data data/shapes/prompt \
                  [--split eval] [--num 200] [--reward-model runs/shapes-rm] [--out runs/eval-dpo]
+    jaxpref eval --reward-model runs/shapes-rm --data data/shapes/preference --num 0   # its pairwise accuracy
 
     result = evaluate(EvalArgs(policy="runs/shapes-dpo", reference="runs/shapes-sft", data="data/shapes/prompt"))
 
@@ -95,11 +96,16 @@ def _reward(model: VLM, params, batch, tokens, mask):
 
 
 def _rows(args: EvalArgs):
-    source = open_source(args.data, args.split)
+    return first_rows(args.data, args.split, args.num)
+
+
+def first_rows(data: str, split: str, num: int | None):
+    """The first `num` rows of a split in file order (None: all)."""
+    source = open_source(data, split)
     n = 0
     for shard in range(len(source.shards)):
         for _, row in source.read(shard):
-            if args.num is not None and n >= args.num:
+            if num is not None and n >= num:
                 return
             n += 1
             yield row
@@ -112,23 +118,31 @@ def win(a: float, b: float) -> float:
 
 def evaluate(args: EvalArgs, progress: bool = True) -> dict:
     """Runs the evaluation; returns {"metrics": {...}, "samples": [...]} (see the module docstring)."""
+    mesh = make_mesh(1, -1, 1)
+    policy = _load(args.policy, "lm", mesh, "--policy")
+    reference = _load(args.reference, "lm", mesh, "--reference")
+    if reference[0].config != policy[0].config:
+        raise ValueError(f"--reference {args.reference} is not the policy's architecture")
+    rm = _load(args.reward_model, "scalar", mesh, "--reward-model") if args.reward_model else None
+    tokenizer = load_tokenizer(args.tokenizer or args.policy)
+    rows = list(_rows(args))
+    if not rows:
+        raise ValueError(f"{args.data} split {args.split!r} has no rows")
+    samples = compare(policy, reference, rm, rows, tokenizer, args, progress=progress)
+    return {"metrics": summarize(samples), "samples": samples, "args": dataclasses.asdict(args)}
+
+
+def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: EvalArgs,
+            progress: bool = False) -> list[dict]:
+    """Samples a response from each of `policy` and `reference` ((VLM, params) pairs) for every row
+    and scores both (judge for rows with a scene, `reward_model` when given). Returns the samples."""
     from tqdm import tqdm
 
     from jaxpref.data.shapes import judge
 
-    mesh = make_mesh(1, -1, 1)
-    policy, p_params = _load(args.policy, "lm", mesh, "--policy")
-    reference, r_params = _load(args.reference, "lm", mesh, "--reference")
-    if reference.config != policy.config:
-        raise ValueError(f"--reference {args.reference} is not the policy's architecture")
-    rm = _load(args.reward_model, "scalar", mesh, "--reward-model") if args.reward_model else None
-    tokenizer = load_tokenizer(args.tokenizer or args.policy)
-    cfg = policy.config
+    cfg = policy[0].config
     processor = Processor(cfg, tokenizer, ProcessorConfig(kind="prompt", max_prompt_length=args.max_prompt_length,
                                                           max_length=None, length_buckets=args.length_buckets))
-    rows = list(_rows(args))
-    if not rows:
-        raise ValueError(f"{args.data} split {args.split!r} has no rows")
     bs = args.batch_size
     samples = []
     bar = tqdm(total=len(rows), desc="eval", unit="prompt", disable=not progress)
@@ -140,7 +154,7 @@ def evaluate(args: EvalArgs, progress: bool = True) -> dict:
         batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
         row_ids = np.arange(start, start + bs, dtype=np.int32)
         out = {}
-        for name, model, params in (("policy", policy, p_params), ("reference", reference, r_params)):
+        for name, (model, params) in (("policy", policy), ("reference", reference)):
             g = generate(model, params, pixel_values=batch["pixel_values"], input_ids=batch["prompt_ids"],
                          attention_mask=batch["prompt_mask"], max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, greedy=args.greedy, eos_token_id=cfg.eos_token_id,
@@ -149,10 +163,12 @@ def evaluate(args: EvalArgs, progress: bool = True) -> dict:
             mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
             out[name] = {"tokens": tokens, "mask": mask, "lengths": lengths}
         t, m = out["policy"]["tokens"], out["policy"]["mask"]
-        kl = np.asarray(_completion_logps(policy, p_params, batch, t, m) - _completion_logps(reference, r_params, batch, t, m))
-        if rm is not None:
+        kl = np.asarray(_completion_logps(policy[0], policy[1], batch, t, m)
+                        - _completion_logps(reference[0], reference[1], batch, t, m))
+        if reward_model is not None:
             for name in out:
-                out[name]["reward"] = np.asarray(_reward(rm[0], rm[1], batch, out[name]["tokens"], out[name]["mask"]))
+                out[name]["reward"] = np.asarray(_reward(reward_model[0], reward_model[1], batch,
+                                                         out[name]["tokens"], out[name]["mask"]))
         for i, row in enumerate(chunk):
             s = {"index": start + i, "prompt": _prompt_text(row.get("prompt")), "kl": float(kl[i])}
             for name in out:
@@ -168,7 +184,49 @@ def evaluate(args: EvalArgs, progress: bool = True) -> dict:
             samples.append(s)
         bar.update(len(chunk))
     bar.close()
-    return {"metrics": summarize(samples), "samples": samples, "args": dataclasses.asdict(args)}
+    return samples
+
+
+def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num: int | None = None,
+                          batch_size: int = 32, tokenizer: str | None = None, progress: bool = True) -> dict:
+    """Held-out pairwise accuracy of a reward model on preference rows: `accuracy` against the
+    dataset's labels (TRL's eval_accuracy) and, for rows with a `scene`, `gold_accuracy` against the
+    gold judge's ordering and `label_agreement`, the fraction of labels the judge agrees with: the
+    ceiling `accuracy` can reach when labels are noisy."""
+    from tqdm import tqdm
+
+    from jaxpref.data.shapes import judge
+    from jaxpref.train.reward import rewards
+
+    mesh = make_mesh(1, -1, 1)
+    model, params = _load(reward_model, "scalar", mesh, "--reward-model")
+    tok = load_tokenizer(tokenizer or reward_model)
+    processor = Processor(model.config, tok, ProcessorConfig(kind="preference", max_prompt_length=None,
+                                                             max_completion_length=None, max_length=None))
+    score = jax.jit(lambda p, b: rewards(p, b, model=model))
+    rows = list(first_rows(data, split, num))
+    if not rows:
+        raise ValueError(f"{data} split {split!r} has no rows")
+    right, gold_right, agree, n_gold = 0, 0, 0, 0
+    for start in tqdm(range(0, len(rows), batch_size), desc="reward model", disable=not progress):
+        chunk = rows[start:start + batch_size]
+        examples = [processor(r) for r in chunk]
+        examples += [examples[0]] * (batch_size - len(examples))
+        batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
+        rc, rr = (np.asarray(x)[:len(chunk)] for x in score(params, batch))
+        right += int(np.sum(rc > rr))
+        for row, c, r in zip(chunk, rc, rr):
+            if "scene" in row:
+                prompt = _prompt_text(row["prompt"])
+                jc, jr = judge(row["scene"], prompt, row["chosen"]), judge(row["scene"], prompt, row["rejected"])
+                if jc != jr:
+                    n_gold += 1
+                    agree += int(jc > jr)
+                    gold_right += int((c > r) == (jc > jr))
+    out = {"num_pairs": len(rows), "accuracy": right / len(rows)}
+    if n_gold:
+        out.update(gold_accuracy=gold_right / n_gold, label_agreement=agree / n_gold)
+    return out
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -192,7 +250,8 @@ def format_table(metrics: dict) -> str:
              "reference_judge_score": "reference judge score", "rm_win_rate": "reward-model win-rate",
              "reward": "reward", "reference_reward": "reference reward", "kl": "KL(policy || reference), nats",
              "policy_length": "policy length, tokens", "reference_length": "reference length, tokens",
-             "num_prompts": "prompts"}
+             "num_prompts": "prompts", "num_pairs": "pairs", "accuracy": "pairwise accuracy (dataset labels)",
+             "gold_accuracy": "pairwise accuracy (gold judge)", "label_agreement": "labels the judge agrees with"}
     width = max(len(v) for v in names.values())
     lines = [f"{names.get(k, k):<{width}}  {v:.4g}" if isinstance(v, float) else f"{names.get(k, k):<{width}}  {v}"
              for k, v in metrics.items()]
@@ -212,9 +271,11 @@ def write(result: dict, out_dir: str):
 def add_eval_parser(subparsers):
     p = subparsers.add_parser("eval", help="win-rate of a policy against a reference on held-out prompts",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--policy", required=True, help="policy model directory")
-    p.add_argument("--reference", required=True, help="reference model directory (e.g. the SFT model)")
-    p.add_argument("--data", required=True, help="dataset (e.g. data/shapes/prompt)")
+    p.add_argument("--policy", default=None, help="policy model directory")
+    p.add_argument("--reference", default=None, help="reference model directory (e.g. the SFT model)")
+    p.add_argument("--data", required=True,
+                   help="prompts (e.g. data/shapes/prompt); without --policy: preference pairs (data/shapes/preference) "
+                        "on which --reward-model's pairwise accuracy is measured")
     p.add_argument("--split", default="eval", help="default: eval")
     p.add_argument("--num", type=int, default=200, help="prompts (default 200; 0: all)")
     p.add_argument("--reward-model", default=None, help="reward model directory: adds the reward-model win-rate")
@@ -229,6 +290,26 @@ def add_eval_parser(subparsers):
 
 
 def _main(args) -> int:
+    if args.policy is None:
+        if args.reward_model is None or args.reference is not None:
+            print("jaxpref eval: give --policy and --reference (win-rate), or only --reward-model (its pairwise "
+                  "accuracy on --data's preference pairs)", file=sys.stderr)
+            return 2
+        try:
+            metrics = reward_model_accuracy(args.reward_model, args.data, args.split, args.num or None,
+                                            args.batch_size, args.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"jaxpref eval: {e}", file=sys.stderr)
+            return 2
+        print(format_table(metrics))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "eval.json"), "w") as f:
+                json.dump({"metrics": metrics}, f, indent=2)
+        return 0
+    if args.reference is None:
+        print("jaxpref eval: --policy needs --reference", file=sys.stderr)
+        return 2
     ea = EvalArgs(policy=args.policy, reference=args.reference, data=args.data, split=args.split,
                   num=args.num or None, reward_model=args.reward_model, tokenizer=args.tokenizer,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy,

@@ -79,3 +79,19 @@ def test_the_judges_best_responses_beat_its_worst():
 def test_missing_model_is_a_clear_error(models, tmp_path):
     with pytest.raises(FileNotFoundError, match="--policy: .* is not a model directory"):
         evaluate(EvalArgs(policy=str(tmp_path / "nope"), reference=str(models / "a"), data=str(models / "prompt")))
+
+
+def test_reward_model_accuracy_against_labels_and_the_judge(models, tmp_path):
+    from jaxpref.eval import reward_model_accuracy
+
+    for noise in (0.0, 0.4):
+        rows = list(generate_split("preference", 24, seed=4, image_size=32, split="eval", label_noise=noise))
+        write_shards(iter(rows), str(tmp_path / f"pref{noise}"), num_shards=1, split="eval")
+        m = reward_model_accuracy(str(models / "rm"), str(tmp_path / f"pref{noise}"), batch_size=8, progress=False)
+        agree = np.mean([judge(r["scene"], r["prompt"], r["chosen"]) > judge(r["scene"], r["prompt"], r["rejected"])
+                         for r in rows])
+        assert m["num_pairs"] == 24 and m["label_agreement"] == pytest.approx(agree)
+        if noise == 0.0:
+            assert agree == 1.0 and m["gold_accuracy"] == pytest.approx(m["accuracy"])
+        else:
+            assert agree < 1.0

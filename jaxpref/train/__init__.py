@@ -5,7 +5,7 @@ algorithm.
     from jaxpref.train import run_reward
     metrics = run_reward(load_config("reward", "configs/shapes/reward.yaml", ["max_steps=100"]))
 
-CLI: `jaxpref sft|reward|dpo --config F [key=value ...]`.
+CLI: `jaxpref sft|reward|dpo|ppo --config F [key=value ...]`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 
 TRAINERS = {"sft": "supervised fine-tuning on prompt-completion data (loss on the completion)",
             "reward": "a reward model (scalar head) on preference pairs",
-            "dpo": "the policy with DPO on preference pairs, against a frozen reference"}
+            "dpo": "the policy with DPO on preference pairs, against a frozen reference",
+            "ppo": "the policy with PPO against a reward model, with a value model and a KL leash to a reference"}
 
 
 def run_sft(cfg):
@@ -38,11 +39,18 @@ def run_dpo(cfg):
     return run(cfg)
 
 
-RUNNERS = {"sft": run_sft, "reward": run_reward, "dpo": run_dpo}
+def run_ppo(cfg):
+    """See jaxpref.train.ppo.run_ppo."""
+    from jaxpref.train.ppo import run_ppo as run
+
+    return run(cfg)
+
+
+RUNNERS = {"sft": run_sft, "reward": run_reward, "dpo": run_dpo, "ppo": run_ppo}
 
 
 def add_train_parsers(subparsers):
-    """Registers `sft`, `reward` and `dpo`: `--config F` (YAML) and `key=value` overrides (dotted for
+    """Registers `sft`, `reward`, `dpo` and `ppo`: `--config F` (YAML) and `key=value` overrides (dotted for
     the model/data/mesh sections)."""
     for name, help_text in TRAINERS.items():
         p = subparsers.add_parser(name, help=f"train {help_text}",

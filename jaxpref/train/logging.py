@@ -3,7 +3,7 @@ names) and TensorBoard event files in `output_dir/runs` (tags `train/<name>`, `e
 transformers' TensorBoardCallback writes them). Only process 0 writes.
 
 Between two logged steps, per-step values are averaged (TRL's `sum(values) / len(values)`),
-except grad_norm, learning_rate and num_tokens (the running total), which are the last step's,
+except grad_norm, learning_rate (PPO: lr), episode and num_tokens (the running total), which are the last step's,
 as transformers and TRL log them.
 The running averages are part of the checkpoint, so a resumed run logs what an uninterrupted
 one would have.
@@ -15,7 +15,7 @@ import json
 import math
 import os
 
-LAST_VALUE = ("grad_norm", "learning_rate", "num_tokens")
+LAST_VALUE = ("grad_norm", "learning_rate", "num_tokens", "lr", "episode")  # lr, episode: PPO's names
 TIMING = ("eval_runtime", "eval_samples_per_second", "train_runtime", "train_samples_per_second",
           "train_steps_per_second")  # wall-clock fields: differ between identical runs
 

@@ -71,6 +71,12 @@ class Task:
     frozen: Callable[[TrainingConfig, Any], tuple[Any, Any] | None] | None = None
     # (cfg, split) -> the split's source, for tasks that add columns to the rows (default: open_source)
     open_split: Callable[[TrainingConfig, str], Any] | None = None
+    # (task, cfg, model, mesh, total_steps) -> Steps, for tasks whose step is not "gradient of a
+    # loss" or whose trained params are not one model's (PPO: policy + value); default: make_steps
+    build_steps: Callable[..., "Steps"] | None = None
+    # (cfg, mesh) -> global rows one step reads (default: per_device_train_batch_size x the batch
+    # shards x gradient_accumulation_steps)
+    step_rows: Callable[[TrainingConfig, Any], int] | None = None
 
     def source(self, cfg: TrainingConfig, split: str):
         """The source of `split` of cfg.data.dataset_name, as this task reads it."""
@@ -191,10 +197,15 @@ def write_config(cfg: TrainingConfig):
 @dataclasses.dataclass(frozen=True)
 class Steps:
     train: Callable  # jitted (state, batch [A, B, ...][, frozen]) -> (state, metrics); the state is donated
-    evaluate: Callable  # jitted (params, batch [B, ...][, frozen]) -> Stats
+    evaluate: Callable | None  # jitted (params, batch [B, ...][, frozen]) -> Stats; None: no loss to evaluate
     tx: Any  # the optax optimizer
     shardings: Any  # TrainState of NamedShardings
+    init_params: Callable[[], Any]  # () -> the trained params at step 0, on the mesh
+    param_shapes: Any  # ShapeDtypeStructs of the trained params (restoring a checkpoint)
+    export: Callable[[Any, Any], None]  # (params, tokenizer) -> writes the final model(s) to output_dir
     frozen: Any = None  # the task's frozen params (on the mesh), passed to both steps; None: none
+    accum: int | None = 1  # the batch's leading micro-batch axis; None: a flat [B, ...] batch
+    host_eval: Callable[[Any, int], dict] | None = None  # (params, step) -> extra eval metrics computed on the host
 
     def step(self, state, batch):
         return self.train(state, batch) if self.frozen is None else self.train(state, batch, self.frozen)
@@ -216,7 +227,10 @@ def make_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: i
     train = jit_train_step(partial(train_step, loss_fn=loss_fn, tx=tx, schedule=make_schedule(cfg, total_steps),
                                    count_tokens=task.count_tokens), shardings, mesh, frozen_shardings)
     evaluate = jit_eval_step(partial(eval_step, loss_fn=loss_fn), p_shardings, mesh, frozen_shardings)
-    return Steps(train=train, evaluate=evaluate, tx=tx, shardings=shardings, frozen=frozen_params)
+    return Steps(train=train, evaluate=evaluate, tx=tx, shardings=shardings,
+                 init_params=lambda: initial_params(cfg, model, mesh), param_shapes=param_shapes(model),
+                 export=lambda params, tokenizer: export(model, params, tokenizer, cfg), frozen=frozen_params,
+                 accum=cfg.gradient_accumulation_steps)
 
 
 # ---------------------------------------------------------------------------
@@ -238,17 +252,18 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(tokenizer_spec(cfg))
     processor = Processor(model.config, tokenizer, task.processor_config(cfg))
     source = task.source(cfg, cfg.data.dataset_train_split)
-    accum, procs = cfg.gradient_accumulation_steps, jax.process_count()
-    step_rows = cfg.per_device_train_batch_size * batch_shards(mesh) * accum
+    procs = jax.process_count()
+    step_rows = (task.step_rows(cfg, mesh) if task.step_rows is not None
+                 else cfg.per_device_train_batch_size * batch_shards(mesh) * cfg.gradient_accumulation_steps)
     total, epoch_rows = plan_steps(cfg, source, step_rows)
-    steps = make_steps(task, cfg, model, mesh, total)
-    tx, shardings = steps.tx, steps.shardings
+    steps = (task.build_steps or make_steps)(task, cfg, model, mesh, total)
+    tx, shardings, accum = steps.tx, steps.shardings, steps.accum
 
     if resume is None:
-        state, data = init_state(initial_params(cfg, model, mesh), tx, cfg.seed, shardings), None
+        state, data = init_state(steps.init_params(), tx, cfg.seed, shardings), None
     else:
         directory, step = resume
-        target = abstract_state(shardings, param_shapes(model), tx)
+        target = abstract_state(shardings, steps.param_shapes, tx)
         if directory == checkpointer.directory:
             state, data, saved_cfg = checkpointer.restore(step, target)
         else:
@@ -294,16 +309,24 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
         pending.clear()
 
     def evaluate(s: int):
+        """The eval split's loss statistics (exact sums over the split), and the task's host-side
+        metrics (e.g. PPO's sampled responses scored by the judge)."""
         nonlocal eval_data, last_eval
-        if eval_data is None:
-            eval_data = eval_batches(cfg, processor, eval_rows, task.source(cfg, cfg.data.dataset_test_split))
-        t0, stats = time.perf_counter(), None
-        for host in eval_data:
-            out = jax.device_get(steps.stats(state.params, device_batch(host, mesh, None)))
-            stats = out if stats is None else stats.merge(out)
-        rows = int(sum(b["valid"].sum() for b in eval_data)) * procs
+        t0, last_eval, rows = time.perf_counter(), {}, 0
+        if steps.evaluate is not None:
+            if eval_data is None:
+                eval_data = eval_batches(cfg, processor, eval_rows, task.source(cfg, cfg.data.dataset_test_split))
+            stats = None
+            for host in eval_data:
+                out = jax.device_get(steps.stats(state.params, device_batch(host, mesh, None)))
+                stats = out if stats is None else stats.merge(out)
+            rows = int(sum(b["valid"].sum() for b in eval_data)) * procs
+            last_eval = {f"eval_{k}": float(v) for k, v in stats.report().items()}
+        if steps.host_eval is not None:
+            extra = steps.host_eval(state.params, s)
+            rows = rows or int(extra.pop("rows", 0))
+            last_eval.update({f"eval_{k}": float(v) for k, v in extra.items()})
         elapsed = time.perf_counter() - t0
-        last_eval = {f"eval_{k}": float(v) for k, v in stats.report().items()}
         writer.write({"step": s, "epoch": epoch(s), **last_eval, "eval_runtime": elapsed,
                       "eval_samples_per_second": rows / elapsed})
         log.info("step %d: %s", s, " ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
@@ -338,7 +361,7 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
                           "train_samples_per_second": (total - start) * step_rows / elapsed,
                           "train_steps_per_second": (total - start) / elapsed})
         checkpointer.wait()
-        export(model, state.params, tokenizer, cfg)
+        steps.export(state.params, tokenizer)
     finally:
         bar.close()
         writer.close()

@@ -64,10 +64,15 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, total_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
     """Global-norm clipping (max_grad_norm > 0), then AdamW (torch's: eps outside the root,
-    decoupled weight decay lr * wd * p) on the schedule."""
-    adamw = optax.adamw(make_schedule(cfg, total_steps), b1=cfg.adam_beta1, b2=cfg.adam_beta2,
+    decoupled weight decay lr * wd * p) on the schedule. With updates_per_step > 1 (PPO's epochs x
+    mini-batches) the schedule advances once per training step, as TRL steps its scheduler once
+    per PPO iteration."""
+    schedule = make_schedule(cfg, total_steps)
+    if updates_per_step > 1:
+        schedule = (lambda sched: lambda count: sched(count // updates_per_step))(schedule)
+    adamw = optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2,
                         eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)

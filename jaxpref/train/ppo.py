@@ -1,0 +1,367 @@
+"""PPO for VLMs (TRL's PPOTrainer semantics, extended to images): policy + value model trained,
+reference + reward model frozen, images flowing through all four.
+
+    jaxpref ppo --config configs/shapes/ppo.yaml [key=value ...]
+
+One training step is one PPO iteration, compiled as ONE jitted program:
+  1. rollout: the KV-cache sampler (jaxpref.generate) draws a response of up to response_length
+     tokens per prompt at `temperature`; with stop_token(_id) every token after the first stop
+     token is pad;
+  2. scoring: the reference's log-probs (logits / (temperature + 1e-7)), the value model's values at
+     positions ctx-1 .. end-1, the reward model's score at the last non-pad token, minus
+     missing_eos_penalty for responses without a stop token;
+  3. rewards, KL, GAE, whitening and masks as TRL computes them (jaxpref.objectives.ppo);
+  4. the update: num_ppo_epochs x num_mini_batches shuffled mini-batches (each accumulating
+     gradient_accumulation_steps micro-batches), clipped policy loss + vf_coef x clipped value loss,
+     one AdamW step per mini-batch, as a lax.scan inside the same jit.
+The step's randomness is fold_in(state.rng, step): a resumed run draws the same rollouts.
+
+Roles: policy = model.name_or_path (TRL's sft_model_path), value = value_model_path (default
+reward_model_path, as TRL initialises it), reference = ref_model (default: the policy's starting
+weights), reward = reward_model_path. Frozen roles are held in `frozen_dtype`.
+
+Evaluation (every eval_steps, on the first eval_num_prompts rows of dataset_test_split): the
+policy and the reference each sample a response per prompt; logged as eval_win_rate (gold judge,
+ties 1/2), eval_judge_score, eval_reward (reward model), eval_rm_win_rate, eval_kl, and the samples
+go to output_dir/samples/step-N.jsonl. Where the reward rises and the judge score does not, the
+policy is exploiting the reward model; the report shows both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from functools import partial
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpref.config import ConfigError, PPOConfig
+from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
+from jaxpref.generate import TEMPERATURE_EPS, _generate
+from jaxpref.models import VLM, get_preset, load_pretrained, preset_names, save_pretrained
+from jaxpref.models.config import read_hf_config
+from jaxpref.models.hf import param_shapes
+from jaxpref.objectives.ppo import advantages_and_returns, masked_mean, ppo_losses
+from jaxpref.objectives.reward import last_token_values
+from jaxpref.sharding import init_sharded, logical_to_spec, param_shardings
+from jaxpref.train.loop import Steps, Task, batch_shards, run
+from jaxpref.train.optim import make_optimizer, make_schedule
+from jaxpref.train.sft import images
+from jaxpref.train.state import BATCH_AXES, batch_sharding, cast_floats, jit_train_step, state_shardings
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class Roles:
+    """The four models (static modules, compute dtype)."""
+
+    policy: VLM = flax.struct.field(pytree_node=False)
+    value: VLM = flax.struct.field(pytree_node=False)
+    ref: VLM = flax.struct.field(pytree_node=False)
+    reward: VLM = flax.struct.field(pytree_node=False)
+
+
+# ---------------------------------------------------------------------------
+# forward passes over prompt + response
+
+
+def _sequence(batch: dict, responses, response_mask):
+    return concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
+
+
+def response_logits(model: VLM, params, batch: dict, responses, response_mask):
+    """The head's output at the positions predicting each response token: [B, T, ...] (logits
+    for an LM head, values for a scalar head), i.e. sequence positions ctx-1 .. ctx+T-2."""
+    seq = _sequence(batch, responses, response_mask)
+    out = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
+                      seq["attention_mask"], seq["token_type_ids"]).logits
+    lp = batch["prompt_ids"].shape[1]
+    return out[:, lp - 1:lp - 1 + responses.shape[1]]
+
+
+def response_logprobs(model: VLM, params, batch, responses, response_mask, temperature: float):
+    """(log-probs float32[B, T] of the response tokens under logits / (temperature + 1e-7),
+    entropy float32[B, T] of that distribution)."""
+    logits = response_logits(model, params, batch, responses, response_mask).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits / (temperature + TEMPERATURE_EPS), axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.take_along_axis(logp, responses[..., None], axis=-1)[..., 0], entropy
+
+
+def scores(model: VLM, params, batch, responses, response_mask):
+    """The reward model's score float32[B] at the last non-pad token of prompt + response."""
+    seq = _sequence(batch, responses, response_mask)
+    values = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
+                         seq["attention_mask"], seq["token_type_ids"]).logits
+    return last_token_values(values.astype(jnp.float32), seq["attention_mask"])
+
+
+# ---------------------------------------------------------------------------
+# the iteration
+
+
+def stop_ids(cfg: PPOConfig, eos_token_id: int) -> tuple[int, ...]:
+    """The stop token (TRL: stop_token "eos" or stop_token_id); () = none, responses run to response_length."""
+    if cfg.stop_token_id is not None:
+        return (cfg.stop_token_id,)
+    return (eos_token_id,) if cfg.stop_token == "eos" else ()
+
+
+def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_sharding=None):
+    """Steps 1-3: responses, old log-probs, reference log-probs, values, scores, advantages and
+    returns, as a dict of [B, T] / [B] arrays."""
+    mc = roles.policy.config
+    params = state.params
+    b = batch["prompt_ids"].shape[0]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    stops = stop_ids(cfg, mc.eos_token_id)
+    px = images(batch)
+    tt = jnp.zeros_like(batch["prompt_mask"]) if mc.prefix_lm else None
+    gen = _generate(roles.policy, cast_floats(params["policy"], roles.policy.dtype),
+                    None if px is None else px.astype(roles.policy.dtype), batch["prompt_ids"], batch["prompt_mask"],
+                    tt, key, jnp.arange(b, dtype=jnp.int32), jnp.float32(cfg.temperature), None,
+                    jnp.asarray(stops, jnp.int32), jnp.int32(mc.pad_token_id), max_new_tokens=cfg.response_length,
+                    top_k=0, greedy=False, cache_sharding=cache_sharding)
+    responses = gen.tokens  # pad after the first stop token already (the sampler stops there)
+    response_mask = (jnp.cumsum(responses == mc.pad_token_id, axis=1) == 0).astype(jnp.int32)
+    ref_logprobs, _ = response_logprobs(roles.ref, frozen["ref"], batch, responses, response_mask, cfg.temperature)
+    values = response_logits(roles.value, params["value"], batch, responses, response_mask).astype(jnp.float32)
+    score = scores(roles.reward, frozen["reward"], batch, responses, response_mask)
+    has_stop = jnp.any(jnp.isin(responses, jnp.asarray(stops or (-1,), jnp.int32)), axis=1)
+    if cfg.missing_eos_penalty is not None:
+        score = jnp.where(has_stop, score, score - cfg.missing_eos_penalty)
+    out = advantages_and_returns(score, gen.logprobs, ref_logprobs, values, responses, pad_token_id=mc.pad_token_id,
+                                 kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+                                 whiten_rewards=cfg.whiten_rewards)
+    return {**out, "responses": responses, "response_mask": response_mask, "scores": score,
+            "num_stop": jnp.sum(jnp.isin(responses, jnp.asarray(stops or (-1,), jnp.int32)))}
+
+
+def minibatch_loss(params, mb: dict, *, roles: Roles, cfg: PPOConfig):
+    """TRL's PPO loss on one micro-batch (masked means over it), and its statistics."""
+    new_logprobs, entropy = response_logprobs(roles.policy, params["policy"], mb, mb["responses"],
+                                              mb["response_mask"], cfg.temperature)
+    vpred = response_logits(roles.value, params["value"], mb, mb["responses"], mb["response_mask"]).astype(jnp.float32)
+    loss, stats = ppo_losses(new_logprobs, mb["logprobs"], mb["advantages"], vpred, mb["values"], mb["returns"],
+                             mb["padding_mask"], mb["padding_mask_p1"], cliprange=cfg.cliprange,
+                             cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef)
+    stats["entropy"] = masked_mean(entropy, ~mb["padding_mask"])
+    stats["loss"] = loss
+    return loss, stats
+
+
+def ppo_step(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, tx, schedule, mesh=None,
+             cache_sharding=None):
+    """One PPO iteration on a batch of B prompts ([B, ...], B over the batch axes). Returns the
+    new state and TRL's metrics."""
+    ro = rollout(state, batch, frozen, roles=roles, cfg=cfg, cache_sharding=cache_sharding)
+    data = {**{k: v for k, v in batch.items() if k in ("prompt_ids", "prompt_mask", "pixel_values")},
+            **{k: ro[k] for k in ("responses", "response_mask", "logprobs", "advantages", "values", "returns",
+                                  "padding_mask", "padding_mask_p1")}}
+    b = batch["prompt_ids"].shape[0]
+    e, m, a = cfg.num_ppo_epochs, cfg.num_mini_batches, cfg.gradient_accumulation_steps
+    micro = b // (m * a)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1)
+    order = jnp.stack([jax.random.permutation(jax.random.fold_in(key, i), b) for i in range(e)])
+    order = order.reshape(e * m, a, micro)  # each epoch: a fresh permutation cut into mini- and micro-batches
+    row_sharding = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
+    grad_fn = jax.grad(partial(minibatch_loss, roles=roles, cfg=cfg), has_aux=True)
+
+    def take(rows):
+        mb = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data)
+        if row_sharding is None:
+            return mb
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, P(BATCH_AXES, *([None] * (x.ndim - 1))))), mb)
+
+    def minibatch(carry, rows):
+        params, opt_state = carry
+
+        def accumulate(g_sum, r):
+            g, stats = grad_fn(params, take(r))
+            return jax.tree.map(lambda s, x: s + x.astype(jnp.float32) / a, g_sum, g), stats
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, stats = jax.lax.scan(accumulate, zeros, rows)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        stats = jax.tree.map(jnp.mean, stats)
+        stats["grad_norm"] = optax.tree.norm(grads)
+        return (optax.apply_updates(params, updates), opt_state), stats
+
+    (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state), order)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    pad = ro["padding_mask"]
+    kl_sum = jnp.sum(ro["kl"], axis=1)  # padded positions hold 0 (both log-probs are INVALID_LOGPROB)
+    non_score = jnp.sum(ro["non_score_reward"], axis=1)
+    metrics = {
+        "objective/kl": jnp.mean(kl_sum),
+        "objective/entropy": jnp.mean(jnp.sum(jnp.where(pad, 0.0, -ro["logprobs"]), axis=1)),
+        "objective/non_score_reward": jnp.mean(non_score),
+        "objective/rlhf_reward": jnp.mean(non_score) + jnp.mean(ro["scores"]),
+        "objective/scores": jnp.mean(ro["scores"]),
+        "policy/approxkl_avg": jnp.mean(stats["approxkl"]),
+        "policy/clipfrac_avg": jnp.mean(stats["pg_clipfrac"]),
+        "loss/policy_avg": jnp.mean(stats["pg_loss"]),
+        "loss/value_avg": jnp.mean(stats["vf_loss"]),
+        "val/clipfrac_avg": jnp.mean(stats["vf_clipfrac"]),
+        "policy/entropy_avg": jnp.mean(stats["entropy"]),
+        "val/ratio": jnp.mean(stats["ratio"]),
+        "val/ratio_var": jnp.var(stats["ratio"]),
+        "val/num_eos_tokens": ro["num_stop"].astype(jnp.float32),
+        "completions/mean_length": jnp.mean(jnp.sum(ro["response_mask"], axis=1).astype(jnp.float32)),
+        "lr": schedule(state.step),
+        "episode": (new.step * b).astype(jnp.float32),
+        "loss": jnp.mean(stats["loss"]),
+        "grad_norm": jnp.mean(stats["grad_norm"]),
+        "num_tokens": jnp.sum(batch["prompt_mask"]) + jnp.sum(ro["response_mask"]),
+    }
+    return new, metrics
+
+
+# ---------------------------------------------------------------------------
+# setup: the four roles, the jitted step, evaluation, export
+
+
+def processor_config(cfg: PPOConfig) -> ProcessorConfig:
+    return ProcessorConfig(kind="prompt", max_prompt_length=cfg.max_prompt_length, max_completion_length=None,
+                           max_length=None, truncation_mode="keep_end", num_images=cfg.data.num_images,
+                           length_buckets=cfg.data.length_buckets)
+
+
+def step_rows(cfg: PPOConfig, mesh) -> int:
+    """TRL's batch_size: per_device_train_batch_size x devices x gradient_accumulation_steps x num_mini_batches."""
+    return cfg.per_device_train_batch_size * batch_shards(mesh) * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+
+
+def _role_model(path: str, head: str, dtype, what: str, policy: VLM) -> VLM:
+    if os.path.isdir(path):
+        config = read_hf_config(path)
+    elif path in preset_names():
+        config = get_preset(path)
+    else:
+        raise ConfigError(f"{what}: {path!r} is neither a directory nor a preset ({', '.join(preset_names())})")
+    p, c = policy.config, config
+    same_inputs = (c.family, c.vision.image_size, c.num_image_tokens, c.image_token_index, c.pad_token_id,
+                   c.text.vocab_size) == (p.family, p.vision.image_size, p.num_image_tokens, p.image_token_index,
+                                          p.pad_token_id, p.text.vocab_size)
+    if not same_inputs:
+        raise ConfigError(f"{what}: {path} does not read the policy's inputs (family, image size, image tokens, vocab)")
+    return VLM(config, head=head, dtype=dtype)
+
+
+def _role_params(path: str, model: VLM, dtype: str, mesh, seed: int):
+    if os.path.isdir(path):
+        return load_pretrained(path, dtype, head=model.head, mesh=mesh, rng=jax.random.key(seed))[1]
+    return init_sharded(model, jax.random.key(seed), mesh)
+
+
+def roles_of(cfg: PPOConfig, policy: VLM) -> tuple[dict[str, str], dict[str, VLM]]:
+    """(role -> path, role -> master-dtype module)."""
+    paths = {"policy": cfg.model.name_or_path, "value": cfg.value_model_path or cfg.reward_model_path,
+             "ref": cfg.ref_model or cfg.model.name_or_path, "reward": cfg.reward_model_path}
+    frozen = DTYPES[cfg.frozen_dtype]
+    models = {"policy": policy,
+              "value": _role_model(paths["value"], "scalar", policy.dtype, "value_model_path", policy),
+              "ref": _role_model(paths["ref"], "lm", frozen, "ref_model", policy),
+              "reward": _role_model(paths["reward"], "scalar", frozen, "reward_model_path", policy)}
+    if models["ref"].config != policy.config:
+        raise ConfigError(f"ref_model: {paths['ref']} is not the policy's architecture")
+    return paths, models
+
+
+def compute_roles(cfg: PPOConfig, models: dict[str, VLM]) -> Roles:
+    """The modules the step runs: bf16 compute when cfg.bf16, remat for the trained ones."""
+    compute = jnp.bfloat16 if cfg.bf16 else models["policy"].dtype
+    return Roles(policy=models["policy"].clone(dtype=compute, remat=cfg.gradient_checkpointing),
+                 value=models["value"].clone(dtype=compute, remat=cfg.gradient_checkpointing),
+                 ref=models["ref"].clone(dtype=compute), reward=models["reward"].clone(dtype=compute))
+
+
+def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Steps:
+    """Task hook: the jitted PPO iteration with the value model trained beside the policy."""
+    paths, models = roles_of(cfg, policy)
+    updates = cfg.num_ppo_epochs * cfg.num_mini_batches
+    tx = make_optimizer(cfg, total_steps, updates_per_step=updates)
+    trained = ("policy", "value")
+    p_shardings = {r: param_shardings(models[r], mesh) for r in trained}
+    shapes = {r: param_shapes(models[r]) for r in trained}
+    shardings = state_shardings(p_shardings, shapes, tx, mesh)
+    roles = compute_roles(cfg, models)
+    t = policy.config.text
+    frozen = {r: _role_params(paths[r], models[r], cfg.frozen_dtype, mesh, cfg.seed) for r in ("ref", "reward")}
+    frozen_shardings = {r: param_shardings(models[r], mesh) for r in ("ref", "reward")}
+    step = partial(ppo_step, roles=roles, cfg=cfg, tx=tx, schedule=make_schedule(cfg, total_steps), mesh=mesh)
+    rows = step_rows(cfg, mesh)
+    # the KV cache: batch over (data, fsdp), kv heads over tensor, like generate() places it
+    cache_len = max(cfg.data.length_buckets) + cfg.response_length  # an upper bound is only used for the spec
+    cache = NamedSharding(mesh, logical_to_spec(("layers", "batch", "length", "kv_heads", "head_dim"),
+                                                (t.num_hidden_layers, rows, cache_len, t.num_key_value_heads,
+                                                 t.head_dim), mesh))
+    train = jax.jit(partial(step, cache_sharding=cache),
+                    in_shardings=(shardings, batch_sharding(mesh), frozen_shardings),
+                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+    def init_params():
+        return {r: _role_params(paths[r], models[r], cfg.model.dtype, mesh, cfg.seed) for r in trained}
+
+    def export(params, tokenizer):
+        from jaxpref.train.loop import export as export_model
+
+        export_model(policy, params["policy"], tokenizer, cfg)  # output_dir: the policy, as every trainer
+        value_cfg = dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, "value_model"))
+        export_model(models["value"], params["value"], tokenizer, value_cfg)
+
+    host_eval = None
+    if cfg.data.dataset_test_split is not None:
+        host_eval = make_host_eval(cfg, policy, frozen, models, mesh)
+    return Steps(train=train, evaluate=None, tx=tx, shardings=shardings, init_params=init_params,
+                 param_shapes=shapes, export=export, frozen=frozen, accum=None, host_eval=host_eval)
+
+
+def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh):
+    """params -> eval metrics: the policy against the reference on held-out prompts (jaxpref.eval),
+    samples written to output_dir/samples/step-N.jsonl."""
+    from jaxpref.data.tokenizer import load_tokenizer
+    from jaxpref.eval import EvalArgs, compare, first_rows, summarize
+    from jaxpref.train.loop import tokenizer_spec
+
+    rows = list(first_rows(cfg.data.dataset_name, cfg.data.dataset_test_split, cfg.eval_num_prompts))
+    tokenizer = load_tokenizer(tokenizer_spec(cfg))
+    args = EvalArgs(policy="", reference="", data=cfg.data.dataset_name, max_new_tokens=cfg.response_length,
+                    temperature=cfg.temperature, batch_size=cfg.per_device_eval_batch_size * batch_shards(mesh),
+                    seed=cfg.seed, max_prompt_length=cfg.max_prompt_length, length_buckets=cfg.data.length_buckets)
+    def host_eval(params, step: int) -> dict:
+        samples = compare((policy, params["policy"]), (models["ref"], frozen["ref"]),
+                          (models["reward"], frozen["reward"]), rows, tokenizer, args)
+        if jax.process_index() == 0:
+            out = os.path.join(cfg.output_dir, "samples")
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"step-{step}.jsonl"), "w") as f:
+                for s in samples:
+                    f.write(json.dumps(s) + "\n")
+        m = summarize(samples)
+        return {k: v for k, v in m.items() if k not in ("num_prompts", "reference_length")} | {"rows": len(rows)}
+
+    return host_eval
+
+
+TASK = Task(head="lm", processor_config=processor_config, make_loss=None, count_tokens=None,
+            build_steps=build_steps, step_rows=step_rows)
+
+
+def run_ppo(cfg: PPOConfig) -> dict[str, float]:
+    """Trains per cfg; the policy lands in cfg.output_dir, the value model in output_dir/value_model."""
+    if cfg.total_episodes is not None and cfg.max_steps <= 0:
+        from jaxpref.sharding import make_mesh
+
+        rows = step_rows(cfg, make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+        cfg = dataclasses.replace(cfg, max_steps=math.ceil(cfg.total_episodes / rows))
+    return run(TASK, cfg)
