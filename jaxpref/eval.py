@@ -24,7 +24,6 @@ import sys
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpref.data.processing import Processor, ProcessorConfig, concat_prompt_completion

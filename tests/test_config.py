@@ -87,7 +87,7 @@ def test_file_errors_name_the_file(tmp_path):
         load_config("sft", str(bad))
     with pytest.raises(ConfigError, match="output_dir: is required"):
         config_from_dict(SFTConfig, {"data": {"dataset_name": "d"}})
-    with pytest.raises(ConfigError, match=r"unknown trainer 'ppo2'; choose one of \['dpo', 'reward', 'sft'"):
+    with pytest.raises(ConfigError, match=r"unknown trainer 'ppo2'; choose one of \['dpo', 'ppo', 'reward', 'sft'"):
         load_config("ppo2")
     with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
         load_config("sft", str(tmp_path / "nope.yaml"))

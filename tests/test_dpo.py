@@ -4,16 +4,13 @@ log-probs = the reference in the step (full runs on the tiny task, through the C
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import needs8, run_overrides, synthetic_batch, write_tiny_task
+from test_train import needs8, run_jaxpref, run_overrides, synthetic_batch, write_tiny_task
 
 from jaxpref.config import ConfigError, DPOConfig, config_from_dict, load_config
 from jaxpref.models import VLM
@@ -202,10 +199,8 @@ def tiny_task(tmp_path_factory):
     return write_tiny_task(tmp_path_factory.mktemp("tiny_dpo"))
 
 
-def _dpo(*args, timeout=600):
-    env = dict(os.environ, XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", "jaxpref.cli", "dpo", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+def _dpo(*args):
+    return run_jaxpref("dpo", *args)
 
 
 def test_precomputed_reference_gives_the_same_losses(tiny_task, tmp_path):

@@ -5,13 +5,11 @@ equals an uninterrupted one (full runs on the tiny task through the CLI)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from test_train import needs8, run_overrides, synthetic_batch, write_tiny_task
+from test_train import needs8, run_jaxpref, run_overrides, synthetic_batch, write_tiny_task
 
 from jaxpref.config import ConfigError, PPOConfig, config_from_dict, load_config
 from jaxpref.sharding import make_mesh
@@ -49,6 +47,7 @@ def test_config_defaults_and_errors():
         3e-6, 0.05, 0.1, 0.2, 0.95, 53, 0.7, 4)
     assert cfg.kl_estimator == "k1" and cfg.missing_eos_penalty is None and not cfg.whiten_rewards
     load_config("ppo", os.path.join(ROOT, "configs/shapes/ppo.yaml"))
+    assert load_config("ppo", os.path.join(ROOT, "configs/paligemma-3b/ppo_rlaif_v.yaml")).mesh.tensor == 4
     with pytest.raises(ConfigError, match="reward_model_path: is required"):
         make_cfg(reward_model_path="")
     with pytest.raises(ConfigError, match=r"kl_estimator.*k3"):
@@ -111,10 +110,8 @@ def tiny_task(tmp_path_factory):
     return write_tiny_task(tmp_path_factory.mktemp("tiny_ppo"))
 
 
-def _ppo(*args, timeout=900):
-    env = dict(os.environ, XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-m", "jaxpref.cli", "ppo", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+def _ppo(*args):
+    return run_jaxpref("ppo", *args)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tiny_task, tmp_path):

@@ -316,6 +316,13 @@ def tiny_task(tmp_path_factory):
     return write_tiny_task(tmp_path_factory.mktemp("tiny_task"))
 
 
+def run_jaxpref(command, *args, timeout=900):
+    """`jaxpref COMMAND ARGS...` in a real subprocess on one CPU device, from the repository root."""
+    env = dict(os.environ, XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", "jaxpref.cli", command, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def run_overrides(data, kind, out, **kw):
     base = {"output_dir": out, "data.dataset_name": data / ("sft" if kind == "sft" else "preference"),
             "data.dataset_test_split": "eval", "data.tokenizer": data / "tok", "data.shuffle_buffer": 16,

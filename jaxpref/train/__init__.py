@@ -56,6 +56,9 @@ def add_train_parsers(subparsers):
         p = subparsers.add_parser(name, help=f"train {help_text}",
                                   description=f"Train {help_text}. Fields use TRL's names; see docs/TRAINING.md.")
         p.add_argument("--config", default=None, help="YAML config file (e.g. configs/shapes/%s.yaml)" % name)
+        p.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first: one process per host of a TPU pod slice "
+                            "(coordinator and process ids come from the TPU environment)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="field overrides applied after the file, e.g. learning_rate=1e-4 mesh.fsdp=2")
         p.set_defaults(func=_main, trainer=name)
@@ -73,6 +76,10 @@ def _main(args) -> int:
         print(f"jaxpref {args.trainer}: {e}", file=sys.stderr)
         return 2
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
     try:
         metrics = RUNNERS[args.trainer](cfg)
     except (NonFiniteError, RunError, ConfigError) as e:

@@ -38,14 +38,13 @@ from functools import partial
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref.config import ConfigError, PPOConfig
 from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
 from jaxpref.generate import TEMPERATURE_EPS, _generate
-from jaxpref.models import VLM, get_preset, load_pretrained, preset_names, save_pretrained
+from jaxpref.models import VLM, get_preset, load_pretrained, preset_names
 from jaxpref.models.config import read_hf_config
 from jaxpref.models.hf import param_shapes
 from jaxpref.objectives.ppo import advantages_and_returns, masked_mean, ppo_losses
@@ -54,7 +53,7 @@ from jaxpref.sharding import init_sharded, logical_to_spec, param_shardings
 from jaxpref.train.loop import Steps, Task, batch_shards, run
 from jaxpref.train.optim import make_optimizer, make_schedule
 from jaxpref.train.sft import images
-from jaxpref.train.state import BATCH_AXES, batch_sharding, cast_floats, jit_train_step, state_shardings
+from jaxpref.train.state import BATCH_AXES, batch_sharding, cast_floats, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -1,0 +1,82 @@
+"""Plots of a run's metrics.jsonl (matplotlib, Agg: no display needed).
+
+    plot_ppo("runs/shapes-ppo", "docs/img/ppo_shapes.png")     # judge score, reward, KL, win-rate per iteration
+    plot_run("runs/shapes-dpo", ["loss", "rewards/accuracies"], "dpo.png")
+
+Command line: `python scripts/plot_run.py RUN_DIR --out PNG [--ppo | --keys k1,k2]`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jaxpref.train.logging import read_metrics
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figure(panels: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def plot_run(run_dir: str, keys: list[str], path: str, title: str | None = None) -> str:
+    """One panel per metric key, against the step."""
+    records = read_metrics(run_dir)
+    plt, fig, axes = _figure(len(keys))
+    for ax, key in zip(axes, keys):
+        ax.plot(*_series(records, key), marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or os.path.basename(os.path.normpath(run_dir)))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ppo(run_dir: str, path: str) -> str:
+    """PPO per iteration: the gold judge's score of held-out samples (policy and reference), the
+    reward model's score (training rollouts and held-out), KL to the reference, and the win-rates.
+    A reward that climbs while the judge score does not is reward hacking."""
+    records = read_metrics(run_dir)
+    plt, fig, axes = _figure(4)
+    ax = axes[0]
+    ax.plot(*_series(records, "eval_judge_score"), marker="o", label="policy")
+    ax.plot(*_series(records, "eval_reference_judge_score"), "--", label="reference (SFT)")
+    ax.set_title("gold judge score (held-out)")
+    ax = axes[1]
+    ax.plot(*_series(records, "objective/scores"), alpha=0.6, label="rollouts (train)")
+    ax.plot(*_series(records, "eval_reward"), marker="o", label="policy (held-out)")
+    ax.plot(*_series(records, "eval_reference_reward"), "--", label="reference (held-out)")
+    ax.set_title("reward-model score")
+    ax = axes[2]
+    ax.plot(*_series(records, "objective/kl"), alpha=0.6, label="rollouts (train)")
+    ax.plot(*_series(records, "eval_kl"), marker="o", label="held-out")
+    ax.set_title("KL(policy || reference), nats")
+    ax = axes[3]
+    ax.plot(*_series(records, "eval_win_rate"), marker="o", label="gold judge")
+    ax.plot(*_series(records, "eval_rm_win_rate"), marker="s", label="reward model")
+    ax.axhline(0.5, color="gray", lw=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_title("win-rate vs reference (ties 1/2)")
+    for ax in axes:
+        ax.set_xlabel("PPO iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"PPO: {run_dir}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
