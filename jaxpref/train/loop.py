@@ -324,7 +324,8 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
             last_eval = {f"eval_{k}": float(v) for k, v in stats.report().items()}
         if steps.host_eval is not None:
             extra = steps.host_eval(state.params, s)
-            rows = rows or int(extra.pop("rows", 0))
+            extra_rows = int(extra.pop("rows", 0))  # prompts the host evaluation read
+            rows = rows or extra_rows
             last_eval.update({f"eval_{k}": float(v) for k, v in extra.items()})
         elapsed = time.perf_counter() - t0
         writer.write({"step": s, "epoch": epoch(s), **last_eval, "eval_runtime": elapsed,
