@@ -32,8 +32,8 @@ from jaxpref.data.tokenizer import load_tokenizer
 from jaxpref.generate import generate
 from jaxpref.models import VLM, load_pretrained
 from jaxpref.objectives.dpo import completion_logps
-from jaxpref.objectives.reward import last_token_values
 from jaxpref.sharding import make_mesh
+from jaxpref.train.reward import response_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +86,7 @@ def _completion_logps(model: VLM, params, batch, tokens, mask):
     return completion_logps(logits, seq["input_ids"], seq["completion_mask"])
 
 
-@partial(jax.jit, static_argnames="model")
-def _reward(model: VLM, params, batch, tokens, mask):
-    seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], tokens, mask)
-    px = batch["pixel_values"] if batch["pixel_values"].shape[1] else None
-    values = model.apply({"params": params}, px, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"]).logits
-    return last_token_values(values, seq["attention_mask"])
+_reward = jax.jit(response_scores, static_argnames="model")
 
 
 def _rows(args: EvalArgs):

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from test_train import needs8, run_jaxpref, run_overrides, synthetic_batch, write_tiny_task
+from test_train import needs8, run_jaxpref, run_overrides, synthetic_batch, tiny_task  # noqa: F401 (a fixture)
 
 from jaxpref.config import ConfigError, PPOConfig, config_from_dict, load_config
 from jaxpref.sharding import make_mesh
@@ -103,11 +103,6 @@ def test_eight_devices_fsdp4_tensor2_give_the_single_device_iteration():
 
 # ---------------------------------------------------------------------------
 # full runs
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory):
-    return write_tiny_task(tmp_path_factory.mktemp("tiny_ppo"))
 
 
 def _ppo(*args):

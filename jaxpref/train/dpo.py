@@ -33,12 +33,12 @@ from jaxpref.data.errors import BadRecordError
 from jaxpref.data.processing import Processor, ProcessorConfig, concat_prompt_completion
 from jaxpref.data.sources import Source, assign_shards, open_source
 from jaxpref.data.tokenizer import load_tokenizer
-from jaxpref.models import VLM, get_preset, load_pretrained, preset_names
-from jaxpref.models.config import read_hf_config
+from jaxpref.models import VLM
 from jaxpref.objectives.dpo import completion_logps, dpo_objective
-from jaxpref.sharding import init_sharded, make_mesh, param_shardings
+from jaxpref.sharding import make_mesh, param_shardings
 from jaxpref.train.checkpoint import gather_json
-from jaxpref.train.loop import Task, build_model, device_batch, pad_rows, run, tokenizer_spec
+from jaxpref.train.loop import (Task, build_model, device_batch, load_params, model_config, pad_rows, run,
+                                tokenizer_spec)
 from jaxpref.train.reward import count_tokens, interleave
 from jaxpref.train.sft import images
 from jaxpref.train.state import cast_floats
@@ -113,18 +113,10 @@ def load_reference(cfg: DPOConfig, model: VLM, mesh):
     """(params, shardings) of the frozen reference on `mesh`, in model.dtype. A preset is initialised
     from cfg.seed, like the policy; a directory must hold the policy's architecture."""
     spec = reference_spec(cfg)
-    shardings = param_shardings(model, mesh)
-    if os.path.isdir(spec):
-        if read_hf_config(spec) != model.config:
-            raise ConfigError(f"ref_model: {spec} is not the policy's architecture ({cfg.model.name_or_path})")
-        params = load_pretrained(spec, cfg.model.dtype, mesh=mesh)[1]
-    elif spec in preset_names():
-        if get_preset(spec) != model.config:
-            raise ConfigError(f"ref_model: preset {spec!r} is not the policy's architecture")
-        params = init_sharded(model.clone(head="lm"), jax.random.key(cfg.seed), mesh)
-    else:
-        raise ConfigError(f"ref_model: {spec!r} is neither a directory nor a preset ({', '.join(preset_names())})")
-    return params, shardings
+    if model_config(spec, "ref_model") != model.config:
+        what = spec if os.path.isdir(spec) else f"preset {spec!r}"
+        raise ConfigError(f"ref_model: {what} is not the policy's architecture ({cfg.model.name_or_path})")
+    return load_params(spec, model.clone(head="lm"), cfg.model.dtype, mesh, cfg.seed), param_shardings(model, mesh)
 
 
 def frozen_reference(cfg: DPOConfig, mesh):

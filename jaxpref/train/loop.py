@@ -89,26 +89,32 @@ class Task:
 # setup pieces
 
 
+def model_config(spec: str, key: str):
+    """The VLMConfig of `spec`: an HF directory's config.json or a preset; ConfigError naming `key` otherwise."""
+    if os.path.isdir(spec):
+        return read_hf_config(spec)
+    if spec in preset_names():
+        return get_preset(spec)
+    raise ConfigError(f"{key}: {spec!r} is neither a directory nor a preset ({', '.join(preset_names())})")
+
+
+def load_params(spec: str, model: VLM, dtype: str, mesh, seed: int):
+    """Weights of an HF directory (a missing scalar head is initialised from `seed`), or a random
+    init of a preset from `seed`, placed directly onto the mesh."""
+    rng = jax.random.key(seed)
+    if os.path.isdir(spec):
+        return load_pretrained(spec, dtype, head=model.head, mesh=mesh, rng=rng)[1]
+    return init_sharded(model, rng, mesh)
+
+
 def build_model(cfg: TrainingConfig, head: str) -> VLM:
     """The VLM module (master dtype) for model.name_or_path: a preset or an HF directory's config."""
-    name = cfg.model.name_or_path
-    if os.path.isdir(name):
-        vlm_config = read_hf_config(name)
-    elif name in preset_names():
-        vlm_config = get_preset(name)
-    else:
-        raise ConfigError(f"model.name_or_path: {name!r} is neither a directory nor a preset "
-                          f"({', '.join(preset_names())})")
-    return VLM(vlm_config, head=head, dtype=DTYPES[cfg.model.dtype])
+    return VLM(model_config(cfg.model.name_or_path, "model.name_or_path"), head=head, dtype=DTYPES[cfg.model.dtype])
 
 
 def initial_params(cfg: TrainingConfig, model: VLM, mesh):
-    """Weights of an HF directory (a missing scalar head is initialised from the seed), or a
-    random init of a preset, placed directly onto the mesh."""
-    rng = jax.random.key(cfg.seed)
-    if os.path.isdir(cfg.model.name_or_path):
-        return load_pretrained(cfg.model.name_or_path, cfg.model.dtype, head=model.head, mesh=mesh, rng=rng)[1]
-    return init_sharded(model, rng, mesh)
+    """The weights training starts from (see load_params)."""
+    return load_params(cfg.model.name_or_path, model, cfg.model.dtype, mesh, cfg.seed)
 
 
 def tokenizer_spec(cfg: TrainingConfig) -> str:

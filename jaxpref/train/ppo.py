@@ -44,14 +44,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxpref.config import ConfigError, PPOConfig
 from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
 from jaxpref.generate import TEMPERATURE_EPS, _generate
-from jaxpref.models import VLM, get_preset, load_pretrained, preset_names
-from jaxpref.models.config import read_hf_config
+from jaxpref.models import VLM
 from jaxpref.models.hf import param_shapes
 from jaxpref.objectives.ppo import advantages_and_returns, masked_mean, ppo_losses
-from jaxpref.objectives.reward import last_token_values
-from jaxpref.sharding import init_sharded, logical_to_spec, param_shardings
-from jaxpref.train.loop import Steps, Task, batch_shards, run
+from jaxpref.sharding import logical_to_spec, param_shardings
+from jaxpref.train.loop import Steps, Task, batch_shards, load_params, model_config, run
 from jaxpref.train.optim import make_optimizer, make_schedule
+from jaxpref.train.reward import response_scores
 from jaxpref.train.sft import images
 from jaxpref.train.state import BATCH_AXES, batch_sharding, cast_floats, state_shardings
 
@@ -95,14 +94,6 @@ def response_logprobs(model: VLM, params, batch, responses, response_mask, tempe
     return jnp.take_along_axis(logp, responses[..., None], axis=-1)[..., 0], entropy
 
 
-def scores(model: VLM, params, batch, responses, response_mask):
-    """The reward model's score float32[B] at the last non-pad token of prompt + response."""
-    seq = _sequence(batch, responses, response_mask)
-    values = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
-                         seq["attention_mask"], seq["token_type_ids"]).logits
-    return last_token_values(values.astype(jnp.float32), seq["attention_mask"])
-
-
 # ---------------------------------------------------------------------------
 # the iteration
 
@@ -133,7 +124,7 @@ def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_s
     response_mask = (jnp.cumsum(responses == mc.pad_token_id, axis=1) == 0).astype(jnp.int32)
     ref_logprobs, _ = response_logprobs(roles.ref, frozen["ref"], batch, responses, response_mask, cfg.temperature)
     values = response_logits(roles.value, params["value"], batch, responses, response_mask).astype(jnp.float32)
-    score = scores(roles.reward, frozen["reward"], batch, responses, response_mask)
+    score = response_scores(roles.reward, frozen["reward"], batch, responses, response_mask)
     has_stop = jnp.any(jnp.isin(responses, jnp.asarray(stops or (-1,), jnp.int32)), axis=1)
     if cfg.missing_eos_penalty is not None:
         score = jnp.where(has_stop, score, score - cfg.missing_eos_penalty)
@@ -241,25 +232,13 @@ def step_rows(cfg: PPOConfig, mesh) -> int:
 
 
 def _role_model(path: str, head: str, dtype, what: str, policy: VLM) -> VLM:
-    if os.path.isdir(path):
-        config = read_hf_config(path)
-    elif path in preset_names():
-        config = get_preset(path)
-    else:
-        raise ConfigError(f"{what}: {path!r} is neither a directory nor a preset ({', '.join(preset_names())})")
-    p, c = policy.config, config
+    p, c = policy.config, model_config(path, what)
     same_inputs = (c.family, c.vision.image_size, c.num_image_tokens, c.image_token_index, c.pad_token_id,
                    c.text.vocab_size) == (p.family, p.vision.image_size, p.num_image_tokens, p.image_token_index,
                                           p.pad_token_id, p.text.vocab_size)
     if not same_inputs:
         raise ConfigError(f"{what}: {path} does not read the policy's inputs (family, image size, image tokens, vocab)")
-    return VLM(config, head=head, dtype=dtype)
-
-
-def _role_params(path: str, model: VLM, dtype: str, mesh, seed: int):
-    if os.path.isdir(path):
-        return load_pretrained(path, dtype, head=model.head, mesh=mesh, rng=jax.random.key(seed))[1]
-    return init_sharded(model, jax.random.key(seed), mesh)
+    return VLM(c, head=head, dtype=dtype)
 
 
 def roles_of(cfg: PPOConfig, policy: VLM) -> tuple[dict[str, str], dict[str, VLM]]:
@@ -295,7 +274,7 @@ def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int)
     shardings = state_shardings(p_shardings, shapes, tx, mesh)
     roles = compute_roles(cfg, models)
     t = policy.config.text
-    frozen = {r: _role_params(paths[r], models[r], cfg.frozen_dtype, mesh, cfg.seed) for r in ("ref", "reward")}
+    frozen = {r: load_params(paths[r], models[r], cfg.frozen_dtype, mesh, cfg.seed) for r in ("ref", "reward")}
     frozen_shardings = {r: param_shardings(models[r], mesh) for r in ("ref", "reward")}
     step = partial(ppo_step, roles=roles, cfg=cfg, tx=tx, schedule=make_schedule(cfg, total_steps), mesh=mesh)
     rows = step_rows(cfg, mesh)
@@ -309,7 +288,7 @@ def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int)
                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
     def init_params():
-        return {r: _role_params(paths[r], models[r], cfg.model.dtype, mesh, cfg.seed) for r in trained}
+        return {r: load_params(paths[r], models[r], cfg.model.dtype, mesh, cfg.seed) for r in trained}
 
     def export(params, tokenizer):
         from jaxpref.train.loop import export as export_model

@@ -43,6 +43,16 @@ def rewards(params, batch: dict, *, model: VLM):
     return r[:, 0], r[:, 1]
 
 
+def response_scores(model: VLM, params, batch: dict, responses, response_mask):
+    """The reward model's score float32[B] at the last non-pad token of prompt + response (PPO's
+    scores, jaxpref eval's rewards): prompt_ids/prompt_mask int32[B, Lp] (left-padded), responses,
+    response_mask int32[B, T] (right-padded), pixel_values float32[B, n, H, W, 3]."""
+    seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
+    values = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
+                         seq["attention_mask"], seq["token_type_ids"]).logits
+    return last_token_values(values.astype(jnp.float32), seq["attention_mask"])
+
+
 def loss_fn(params, batch: dict, *, model: VLM, center_rewards_coefficient: float | None):
     """(loss_sum, Stats) of one micro-batch (see `rewards`; margin float32[B] when the data has it)."""
     r_chosen, r_rejected = rewards(params, batch, model=model)
