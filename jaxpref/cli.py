@@ -1,10 +1,11 @@
 """The `jaxpref` command.
 
+    jaxpref demo [--quick] [--out DIR]             the whole pipeline on the built-in task, with a report
     jaxpref profile --model small [--batch 8]      compile + time a jitted forward pass
     jaxpref data shapes --out DIR                  write the built-in task's datasets
     jaxpref data inspect PATH                      schema, counts and a few rows of a dataset
     jaxpref generate --model DIR --image P --prompt T
-    jaxpref sft --config F [key=value ...]         (and reward, dpo)
+    jaxpref sft --config F [key=value ...]         (and reward, dpo, ppo)
     jaxpref eval --policy DIR --reference DIR --data DIR   gold-judge / reward-model win-rate
 
 Each subcommand lives beside the code it drives; this file only dispatches.
@@ -72,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_profile_parser(sub)
     from .data.cli import add_data_parser
+    from .demo import add_demo_parser
     from .eval import add_eval_parser
     from .generate_cli import add_generate_parser
     from .train import add_train_parsers
 
+    add_demo_parser(sub)
     add_data_parser(sub)
     add_generate_parser(sub)
     add_train_parsers(sub)

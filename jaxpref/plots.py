@@ -2,6 +2,7 @@
 
     plot_ppo("runs/shapes-ppo", "docs/img/ppo_shapes.png")     # judge score, reward, KL, win-rate per iteration
     plot_run("runs/shapes-dpo", ["loss", "rewards/accuracies"], "dpo.png")
+    plot_reward_model("runs/shapes-rm", "rm.png", ceiling=0.906)   # train and held-out pairwise accuracy
 
 Command line: `python scripts/plot_run.py RUN_DIR --out PNG [--ppo | --keys k1,k2]`.
 """
@@ -75,6 +76,34 @@ def plot_ppo(run_dir: str, path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"PPO: {run_dir}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reward_model(run_dir: str, path: str, ceiling: float | None = None, gold: float | None = None) -> str:
+    """A reward model's pairwise accuracy per step: the training batches' (`accuracy`, means over
+    each logging interval) and the held-out split's (`eval_accuracy`). `ceiling`: the fraction of
+    eval labels the gold judge agrees with (label noise caps eval_accuracy there); `gold`: the final
+    model's accuracy against the judge's ordering (jaxpref.eval.reward_model_accuracy)."""
+    records = read_metrics(run_dir)
+    plt, fig, axes = _figure(1)
+    ax = axes[0]
+    ax.plot(*_series(records, "accuracy"), alpha=0.6, label="train batches")
+    ax.plot(*_series(records, "eval_accuracy"), marker="o", label="held-out (labels)")
+    steps = [r["step"] for r in records]
+    if gold is not None and steps:
+        ax.plot([max(steps)], [gold], "D", color="C2", mfc="none", ms=9, label="held-out (gold judge), final")
+    if ceiling is not None:
+        ax.axhline(ceiling, color="gray", ls="--", lw=0.8, label="label-noise ceiling")
+    ax.axhline(0.5, color="gray", lw=0.8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step")
+    ax.set_title("reward model: pairwise accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,0 +1,774 @@
+"""`jaxpref demo`: the whole pipeline on the built-in shapes task, stage by stage, ending in a report.
+
+    jaxpref demo                                   # the full plan (target: <= 30 min on a 2-core CPU) -> runs/demo
+    jaxpref demo --quick --out runs/demo-quick     # the quick plan (target: <= 8 min)
+    jaxpref demo --quick --set sft.max_steps=50 --set eval.num=32     # change the plan: STAGE.KEY=VALUE
+
+    from jaxpref.demo import run_demo
+    summary = run_demo("runs/demo-quick", quick=True, sets=["ppo.max_steps=5"])
+
+Stages (STAGES, in order), each a call into the code its own command runs:
+
+  data     the shapes datasets (jaxpref.data.shapes.generate_split)  -> DIR/data/{sft,preference,prompt}
+  sft      configs/shapes/sft.yaml + the plan                        -> DIR/runs/sft
+  reward   configs/shapes/reward.yaml, from DIR/runs/sft             -> DIR/runs/reward
+  dpo      configs/shapes/dpo.yaml, from DIR/runs/sft                -> DIR/runs/dpo
+  ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo
+  eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT -> DIR/eval/{reward_model,dpo,ppo}/
+  report   DIR/report.md, DIR/img/*.png, DIR/examples.html
+
+A trainer stage's config is its YAML file read by jaxpref.config.load_config (what `jaxpref sft
+--config F key=value` does) with the demo's paths and the plan's entries for that stage as
+key=value overrides. PLANS holds the two plans' step and row counts; `--set STAGE.KEY=VALUE`
+changes one entry (a trainer stage takes any config key, e.g. `--set sft.model.name_or_path=tiny`).
+
+DIR/summary.json is rewritten after every stage: the plan, a fingerprint of every trainer config,
+`stages` (a stage is listed, with its wall time, only once it has finished) and the key results.
+Re-running with the same DIR skips finished stages; an interrupted trainer stage resumes from its
+latest Orbax checkpoint (trainers run with resume_from_checkpoint=true). A DIR made with another
+plan or other trainer configs is refused (DemoError) rather than mixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import dataclasses
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+import os
+import sys
+import textwrap
+import time
+from typing import Any, Callable
+
+# Measured on a 2-core CPU (docs/BENCHMARKS.md): full ~25 min, quick ~6 min, compile time included.
+# `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
+# of that trainer's config); `eval`: held-out prompts (0: every eval row).
+PLANS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "data": {"sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500, "eval_rows": 300,
+                 "image_size": 64, "label_noise": 0.1, "seed": 0},
+        "sft": {"model.name_or_path": "small", "max_steps": 400, "eval_steps": 200, "save_steps": 100},
+        "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
+        "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
+        "ppo": {"max_steps": 40, "eval_steps": 10, "save_steps": 10},
+        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32},
+    },
+    "quick": {
+        "data": {"sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300, "eval_rows": 100,
+                 "image_size": 64, "label_noise": 0.1, "seed": 0},
+        "sft": {"model.name_or_path": "small", "max_steps": 80, "eval_steps": 40, "save_steps": 40},
+        "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
+        "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
+        "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5},
+        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32},
+    },
+}
+
+DATA_KINDS = ("sft", "preference", "prompt")
+METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
+NUM_EXAMPLES = 8  # held-out prompts in the example grid
+
+
+class DemoError(RuntimeError):
+    """A demo that cannot start or continue (bad --set, a DIR made with another plan ...)."""
+
+
+@dataclasses.dataclass
+class Demo:
+    """One demo run: where it writes, its plan, and summary.json's contents."""
+
+    out: str
+    plan: dict
+    quick: bool
+    configs: str  # the directory of the trainers' YAML files (configs/shapes)
+    summary: dict = dataclasses.field(default_factory=dict)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the demo. `run(demo)` does the work and returns entries for summary.json (or None);
+    `describe(demo)` is the banner's text; trainer stages also have `config(demo)`."""
+
+    name: str
+    run: Callable[[Demo], dict | None]
+    describe: Callable[[Demo], str]
+    config: Callable[[Demo], Any] | None = None
+
+
+# ---------------------------------------------------------------------------
+# trainer stages
+
+
+def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, reward_model: str | None = None):
+    """The config of trainer stage `kind` (sft, reward, dpo, ppo): configs/shapes/<kind>.yaml through
+    jaxpref.config.load_config with overrides output_dir=DIR/runs/<kind>, data.dataset_name=DIR/data/<data>,
+    model.name_or_path=DIR/runs/<start> (when given), reward_model_path=DIR/runs/<reward_model> (when
+    given), resume_from_checkpoint=true, then the plan's entries for the stage."""
+    from jaxpref.config import load_config
+
+    overrides = {"output_dir": demo.path("runs", kind), "data.dataset_name": demo.path("data", data),
+                 "resume_from_checkpoint": "true"}
+    if start is not None:
+        overrides["model.name_or_path"] = demo.path("runs", start)
+    if reward_model is not None:
+        overrides["reward_model_path"] = demo.path("runs", reward_model)
+    overrides.update(demo.plan.get(kind, {}))
+    return load_config(kind, os.path.join(demo.configs, f"{kind}.yaml"),
+                       [f"{k}={_override_text(v)}" for k, v in overrides.items()])
+
+
+def _override_text(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def trainer(kind: str, data: str, start: str | None = None, reward_model: str | None = None) -> Stage:
+    """A stage running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...)."""
+    config = lambda demo: trainer_config(kind, demo, data, start, reward_model)
+
+    def run(demo: Demo):
+        from jaxpref.train import RUNNERS
+
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+        RUNNERS[kind](config(demo))
+
+    def describe(demo: Demo) -> str:
+        cfg = config(demo)
+        unit = "iterations" if kind == "ppo" else "steps"
+        extra = f" + reward model {cfg.reward_model_path}" if kind == "ppo" else ""
+        resumed = " (resuming from its last checkpoint)" if _has_checkpoints(cfg.output_dir) else ""
+        return (f"{cfg.max_steps} {unit} from {cfg.model.name_or_path}{extra} on {cfg.data.dataset_name} "
+                f"-> {cfg.output_dir}{resumed}")
+
+    return Stage(kind, run, describe, config)
+
+
+def _has_checkpoints(output_dir: str) -> bool:
+    from jaxpref.train.checkpoint import CHECKPOINTS, complete_steps
+
+    return bool(complete_steps(os.path.join(output_dir, CHECKPOINTS)))
+
+
+# ---------------------------------------------------------------------------
+# data, eval, report
+
+
+def stage_data(demo: Demo):
+    """The shapes datasets in TRL's schema: DIR/data/<kind>/ with train and eval splits (parquet)."""
+    from tqdm import tqdm
+
+    from jaxpref.data.shapes import generate_split
+    from jaxpref.data.writers import write_shards
+
+    p = demo.plan["data"]
+    splits = {kind: (("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])) for kind in DATA_KINDS}
+    info = {"task": "shapes", "seed": p["seed"], "image_size": p["image_size"], "label_noise": p["label_noise"],
+            "command": "jaxpref demo"}
+    with tqdm(total=sum(n for s in splits.values() for _, n in s), unit="row", desc="shapes") as bar:
+        for kind, kind_splits in splits.items():
+            for split, n in kind_splits:
+                bar.set_postfix_str(f"{kind}/{split}")
+                rows = generate_split(kind, n, p["seed"], image_size=p["image_size"], label_noise=p["label_noise"],
+                                      split=split)
+                write_shards(_counted(rows, bar), demo.path("data", kind), num_shards=min(4, n), split=split,
+                             info={**info, "kind": kind})
+
+
+def _counted(rows, bar):
+    for row in rows:
+        yield row
+        bar.update()
+
+
+def _describe_data(demo: Demo) -> str:
+    p = demo.plan["data"]
+    rows = ", ".join(f"{k} {p[f'{k}_rows']}" for k in DATA_KINDS)
+    return f"train rows {rows}; {p['eval_rows']} eval rows each -> {demo.path('data')}"
+
+
+def stage_eval(demo: Demo) -> dict:
+    """The reward model's held-out accuracy, and DPO and PPO against SFT (jaxpref.eval), written to
+    DIR/eval/<name>/; returns summary.json's result entries."""
+    from jaxpref.eval import EvalArgs, evaluate, reward_model_accuracy, write
+
+    p = demo.plan["eval"]
+    rm = reward_model_accuracy(demo.path("runs", "reward"), demo.path("data", "preference"), "eval", num=None,
+                               batch_size=p["batch_size"])
+    os.makedirs(demo.path("eval", "reward_model"), exist_ok=True)
+    with open(demo.path("eval", "reward_model", "eval.json"), "w") as f:
+        json.dump({"metrics": rm}, f, indent=2)
+    out: dict[str, Any] = {"reward_model": rm}
+    for method in METHODS:
+        print(f"  {method} against sft on {_prompts(demo)}", flush=True)
+        r = evaluate(EvalArgs(policy=demo.path("runs", method), reference=demo.path("runs", "sft"),
+                              data=demo.path("data", "prompt"), reward_model=demo.path("runs", "reward"),
+                              num=p["num"] if p["num"] > 0 else None, max_new_tokens=p["max_new_tokens"],
+                              batch_size=p["batch_size"]))
+        write(r, demo.path("eval", method))
+        m, samples = r["metrics"], r["samples"]
+        out[method] = {"win_rate": m["win_rate"], "judge_score": m["judge_score"], "kl": m["kl"],
+                       "rm_win_rate": m["rm_win_rate"], "reward": m["reward"], "length": m["policy_length"],
+                       "judge_ties": m["judge_ties"], "num_prompts": m["num_prompts"],
+                       "win_rate_se": _win_se(samples, "judge"), "rm_win_rate_se": _win_se(samples, "reward")}
+        out["sft"] = {"judge_score": m["reference_judge_score"], "reward": m["reference_reward"],
+                      "length": m["reference_length"]}  # the same in both comparisons (same keys, same model)
+    return out
+
+
+def _win_se(samples: list[dict], score: str) -> float:
+    """One standard error of a win-rate (ties 1/2) over prompts."""
+    import numpy as np
+
+    from jaxpref.eval import win
+
+    w = np.array([win(s[f"policy_{score}"], s[f"reference_{score}"]) for s in samples])
+    return float(w.std(ddof=1) / math.sqrt(len(w))) if len(w) > 1 else float("nan")
+
+
+def _describe_eval(demo: Demo) -> str:
+    return (f"reward-model accuracy on {demo.path('data', 'preference')} (eval); DPO and PPO against SFT on "
+            f"{_prompts(demo)} -> {demo.path('eval')}")
+
+
+def _prompts(demo: Demo) -> str:
+    n = demo.plan["eval"]["num"]
+    return f"{n} held-out prompts" if n > 0 else f"every held-out prompt ({demo.plan['data']['eval_rows']})"
+
+
+def stage_report(demo: Demo):
+    write_report(demo.out)
+
+
+# The pipeline. A new stage is one entry here (and, if it has settings, an entry in each plan).
+STAGES: list[Stage] = [
+    Stage("data", stage_data, _describe_data),
+    # VISION PRETRAINING GOES HERE (being written elsewhere): e.g.
+    #   Stage("vision", stage_vision, _describe_vision),   # -> DIR/runs/vision
+    # then start SFT from it: trainer("sft", data="sft", start="vision"), and add "vision" to PLANS.
+    trainer("sft", data="sft"),
+    trainer("reward", data="preference", start="sft"),
+    trainer("dpo", data="preference", start="sft"),
+    trainer("ppo", data="prompt", start="sft", reward_model="reward"),
+    Stage("eval", stage_eval, _describe_eval),
+    Stage("report", stage_report, lambda demo: f"{demo.path('report.md')}, {demo.path('img')}/, "
+                                               f"{demo.path('examples.html')}"),
+]
+
+
+# ---------------------------------------------------------------------------
+# plan, summary.json, the run
+
+
+def make_plan(quick: bool = False, sets=()) -> dict:
+    """PLANS["quick" or "full"] with `STAGE.KEY=VALUE` settings applied. A value takes the type of the
+    entry it replaces; a trainer stage accepts any key of its config (checked when the config is built)."""
+    plan = copy.deepcopy(PLANS["quick" if quick else "full"])
+    trainers = {s.name for s in STAGES if s.config is not None}
+    for item in sets:
+        lhs, eq, value = item.partition("=")
+        stage, dot, key = lhs.strip().partition(".")
+        value = value.strip()
+        if not (eq and dot and key):
+            raise DemoError(f"--set {item!r}: expected STAGE.KEY=VALUE (e.g. sft.max_steps=50)")
+        if stage not in plan and stage not in trainers:
+            raise DemoError(f"--set {item!r}: unknown stage {stage!r}; stages with settings: "
+                            f"{', '.join(sorted(set(plan) | trainers))}")
+        entries = plan.setdefault(stage, {})
+        if stage not in trainers and key not in entries:
+            raise DemoError(f"--set {item!r}: {stage} has no setting {key!r}; its settings: {', '.join(entries)}")
+        entries[key] = _typed(value, entries.get(key), item)
+    for key, n in plan["data"].items():
+        if key.endswith("_rows") and (not isinstance(n, int) or n < 1):
+            raise DemoError(f"--set data.{key}: must be >= 1, got {n!r}")
+    return plan
+
+
+def _typed(value: str, old, item: str):
+    """`value` as the type of `old` (a string when there is no old value)."""
+    try:
+        if isinstance(old, bool):
+            return {"true": True, "false": False}[value.lower()]
+        if isinstance(old, int):
+            return int(value)
+        if isinstance(old, float):
+            return float(value)
+    except (KeyError, ValueError):
+        raise DemoError(f"--set {item!r}: expected {type(old).__name__}, got {value!r}") from None
+    return value
+
+
+def default_configs_dir() -> str:
+    """configs/shapes of the repository jaxpref runs from, else of the working directory."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for d in (os.path.join(repo, "configs", "shapes"), os.path.join("configs", "shapes")):
+        if os.path.isdir(d):
+            return d
+    raise DemoError(f"no configs/shapes directory in {repo} or the working directory: pass --configs DIR "
+                    f"(the directory holding sft.yaml, reward.yaml, dpo.yaml and ppo.yaml)")
+
+
+def config_fingerprints(demo: Demo) -> dict[str, str]:
+    """{trainer stage: a hash of its full config with DIR replaced by a placeholder}: equal exactly when
+    the YAML files and the plan give the same configs (wherever DIR is). Builds (validates) every
+    trainer config, so a bad setting fails before any stage runs."""
+    from jaxpref.config import ConfigError, to_dict
+
+    placeholder = dataclasses.replace(demo, out="<out>")
+    out = {}
+    for stage in STAGES:
+        if stage.config is not None:
+            try:
+                cfg = stage.config(placeholder)
+            except ConfigError as e:
+                raise DemoError(f"stage {stage.name}: {e} (set with --set {stage.name}.KEY=VALUE)") from None
+            text = json.dumps(to_dict(cfg), sort_keys=True)
+            out[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
+
+
+def summary_path(out: str) -> str:
+    return os.path.join(out, "summary.json")
+
+
+def read_summary(out: str) -> dict:
+    with open(summary_path(out)) as f:
+        return json.load(f)
+
+
+def write_summary(out: str, summary: dict):
+    """summary.json, atomically (a crash leaves the previous version)."""
+    os.makedirs(out, exist_ok=True)
+    tmp = summary_path(out) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, summary_path(out))
+
+
+def _open_summary(demo: Demo, fingerprints: dict) -> dict:
+    """The summary to continue: the existing one when it was made with the same plan and configs, a
+    fresh one for a new or empty DIR; DemoError otherwise."""
+    path = summary_path(demo.out)
+    if not os.path.exists(path):
+        if os.path.isdir(demo.out) and os.listdir(demo.out):
+            raise DemoError(f"{demo.out} exists and is not a demo directory (no summary.json): choose another --out")
+        return {"quick": demo.quick, "plan": demo.plan, "configs": fingerprints, "stages": {}}
+    try:
+        summary = read_summary(demo.out)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DemoError(f"{path}: unreadable ({e}); delete {demo.out} or choose another --out") from None
+    old = summary.get("plan", {})
+    if summary.get("quick") != demo.quick or old != demo.plan:
+        diffs = [f"{k}: {_get(old, k)!r} -> {_get(demo.plan, k)!r}" for k in sorted(_keys(old) | _keys(demo.plan))
+                 if _get(old, k) != _get(demo.plan, k)]
+        name = lambda q: "the quick plan" if q else "the full plan"
+        more = "; ..." if len(diffs) > 8 else ""
+        raise DemoError(f"{path}: {demo.out} was made with {name(summary.get('quick'))} and other settings than this "
+                        f"run ({name(demo.quick)}); they differ in {'; '.join(diffs[:8])}{more}. Finished stages "
+                        f"would be mixed with new ones: use another --out, or delete {demo.out}")
+    changed = [k for k in fingerprints if summary.get("configs", {}).get(k) != fingerprints[k]]
+    if changed:
+        files = ", ".join(os.path.join(demo.configs, f"{k}.yaml") for k in changed)
+        raise DemoError(f"{path}: the config of stage(s) {', '.join(changed)} differs from the one {demo.out} was "
+                        f"made with ({files} changed?): use another --out or delete {demo.out}")
+    return summary
+
+
+def _keys(plan: dict) -> set[str]:
+    return {f"{s}.{k}" for s, entries in plan.items() for k in entries}
+
+
+def _get(plan: dict, key: str):
+    stage, _, k = key.partition(".")
+    return plan.get(stage, {}).get(k, "(unset)")
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str | None = None) -> dict:
+    """Runs every stage not finished yet (see the module docstring); returns summary.json's contents."""
+    demo = Demo(out=out, plan=make_plan(quick, sets), quick=quick, configs=configs or default_configs_dir())
+    demo.summary = summary = _open_summary(demo, config_fingerprints(demo))
+    write_summary(out, summary)
+    for i, stage in enumerate(STAGES, 1):
+        head = f"[{i}/{len(STAGES)}] {stage.name}"
+        if stage.name in summary["stages"]:
+            print(f"{head}: finished in an earlier run ({_duration(summary['stages'][stage.name]['seconds'])}), "
+                  f"skipping", flush=True)
+            continue
+        print(f"{head}: {stage.describe(demo)}", flush=True)
+        t0 = time.perf_counter()
+        result = stage.run(demo)
+        summary.update(result or {})
+        summary["stages"][stage.name] = {"seconds": round(time.perf_counter() - t0, 2)}
+        write_summary(out, summary)
+    print(format_summary(summary, out), flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# what the user reads
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _method_rows(summary: dict) -> list[tuple[str, dict]]:
+    return [(name, summary[m]) for m, name in (("sft", "SFT (reference)"), ("dpo", "DPO"), ("ppo", "PPO"))
+            if m in summary]
+
+
+def format_summary(summary: dict, out: str) -> str:
+    """The one screen printed at the end: stage times, the key numbers, where the report is."""
+    stages = summary["stages"]
+    lines = [f"jaxpref demo ({'quick' if summary['quick'] else 'full'} plan): {out}", "  stage     wall time"]
+    lines += [f"  {name:<8}  {_duration(s['seconds']):>9}" for name, s in stages.items()]
+    lines.append(f"  {'total':<8}  {_duration(sum(s['seconds'] for s in stages.values())):>9}")
+    if rm := summary.get("reward_model"):
+        lines.append(f"reward model: accuracy {_f(rm.get('accuracy'))} against the labels (ceiling "
+                     f"{_f(rm.get('label_agreement'))}), {_f(rm.get('gold_accuracy'))} against the gold judge")
+    if "ppo" in summary or "dpo" in summary:
+        lines.append(f"  {'':<16}{'gold win-rate':>14}{'RM win-rate':>13}{'judge score':>13}{'KL':>8}{'length':>8}")
+        for name, m in _method_rows(summary):
+            lines.append(f"  {name:<16}{_f(m.get('win_rate')):>14}{_f(m.get('rm_win_rate')):>13}"
+                         f"{_f(m.get('judge_score')):>13}{_f(m.get('kl'), '.2f'):>8}{_f(m.get('length'), '.1f'):>8}")
+    if "report" in stages:
+        lines.append(f"report: {os.path.join(out, 'report.md')} (plots in {os.path.join(out, 'img')}/, examples in "
+                     f"{os.path.join(out, 'examples.html')})")
+    return "\n".join(lines)
+
+
+def _samples(out: str, method: str) -> list[dict]:
+    with open(os.path.join(out, "eval", method, "samples.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def hacking_cases(samples: list[dict]) -> list[dict]:
+    """Samples where the reward model scores the policy's response above the reference's but the gold
+    judge does not (judge score equal or lower), largest reward gap first."""
+    cases = [s for s in samples
+             if s["policy_reward"] > s["reference_reward"] and s["policy_judge"] <= s["reference_judge"]]
+    return sorted(cases, key=lambda s: s["reference_reward"] - s["policy_reward"])
+
+
+def _image_bytes(out: str, num: int) -> list[bytes]:
+    """PNG bytes of the first `num` held-out prompts (eval samples' `index` is the row's position)."""
+    from jaxpref.eval import first_rows
+
+    return [row["images"][0]["bytes"] for row in first_rows(os.path.join(out, "data", "prompt"), "eval", num)]
+
+
+def examples(out: str, num: int = NUM_EXAMPLES) -> list[dict]:
+    """The first `num` held-out prompts: image (PNG bytes), prompt, and the SFT, DPO and PPO responses with
+    their judge scores and rewards (SFT's from the PPO comparison: the same keys give the same response in both)."""
+    by_method = {m: {s["index"]: s for s in _samples(out, m)} for m in METHODS}
+    images = _image_bytes(out, num)
+    rows = []
+    for i, image in enumerate(images):
+        if not all(i in by_method[m] for m in METHODS):
+            break
+        ppo = by_method["ppo"][i]
+        row = {"index": i, "image": image, "prompt": ppo["prompt"],
+               "sft": (ppo["reference"], ppo["reference_judge"], ppo["reference_reward"])}
+        for m in METHODS:
+            s = by_method[m][i]
+            row[m] = (s["policy"], s["policy_judge"], s["policy_reward"])
+        rows.append(row)
+    return rows
+
+
+def plot_win_rates(summary: dict, path: str) -> str:
+    """Bars: DPO's and PPO's win-rates against SFT by the gold judge and by the reward model (ties 1/2),
+    with one standard error and the 0.5 line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    names = [m for m in METHODS if m in summary]
+    width = 0.38
+    for j, (key, label) in enumerate((("win_rate", "gold judge"), ("rm_win_rate", "reward model"))):
+        xs = [i + (j - 0.5) * width for i in range(len(names))]
+        vals = [summary[m][key] for m in names]
+        errs = [summary[m].get(f"{key}_se", 0.0) for m in names]
+        bars = ax.bar(xs, vals, width, yerr=errs, capsize=3, label=label, color=f"C{j}")
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 3), textcoords="offset points")
+    ax.axhline(0.5, color="gray", ls="--", lw=0.8, label="tie with SFT")
+    ax.set_xticks(range(len(names)), [m.upper() for m in names])
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("win-rate against SFT")
+    ax.set_title("held-out win-rates (ties 1/2)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_examples(rows: list[dict], path: str) -> str:
+    """A grid: one held-out prompt per row, its image, and the SFT / DPO / PPO responses with judge scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = max(1, len(rows))
+    fig, axes = plt.subplots(n, 2, figsize=(12, 1.75 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 7]})
+    for (ax_img, ax_txt), row in zip(axes, rows):
+        ax_img.imshow(Image.open(io.BytesIO(row["image"])).convert("RGB"), interpolation="nearest")
+        ax_img.set_axis_off()
+        ax_txt.set_axis_off()
+        lines = [f"Q: {row['prompt']}"]
+        for m in ("sft", *METHODS):
+            text, judge, _ = row[m]
+            short = textwrap.shorten(text or "(empty)", 120, placeholder=" ...")
+            lines.append(f"{m.upper():>4} [judge {judge:.2f}]  {short}")
+        ax_txt.text(0, 0.5, "\n".join(lines), va="center", ha="left", fontsize=8, family="monospace")
+    for ax_img, ax_txt in axes[len(rows):]:
+        ax_img.set_axis_off()
+        ax_txt.set_axis_off()
+    fig.suptitle("held-out prompts: SFT, DPO and PPO responses (gold-judge score in brackets)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_examples_html(rows: list[dict], path: str) -> str:
+    """A self-contained HTML page (images inlined) of the example grid."""
+    cells = []
+    for row in rows:
+        src = "data:image/png;base64," + base64.b64encode(row["image"]).decode()
+        tds = [f'<td><img src="{src}" width="128" height="128" style="image-rendering: pixelated"></td>',
+               f"<td>{html.escape(row['prompt'])}</td>"]
+        ref_judge = row["sft"][1]
+        for m in ("sft", *METHODS):
+            text, judge, reward = row[m]
+            cls = "" if m == "sft" else " better" if judge > ref_judge else " worse" if judge < ref_judge else ""
+            tds.append(f'<td class="resp{cls}">{html.escape(text) or "<i>(empty)</i>"}<div class="score">judge '
+                       f"{judge:.2f} &middot; reward {reward:.2f}</div></td>")
+        cells.append("<tr>" + "".join(tds) + "</tr>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>jaxpref demo: examples</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 6px 10px; vertical-align: top; max-width: 22em; }}
+th {{ background: #f3f3f3; }}
+.score {{ color: #666; font-size: 80%; margin-top: 4px; }}
+.better {{ background: #e8f6e8; }}
+.worse {{ background: #fbeaea; }}
+</style></head><body>
+<h1>Held-out prompts: SFT, DPO and PPO</h1>
+<p>The first {len(rows)} prompts of the held-out split. Each response carries its gold-judge score (against the
+scene: facts right, nothing invented, natural and concise) and the reward model's score. Green: the judge scores
+it above SFT's response; red: below.</p>
+<table>
+<tr><th>image</th><th>prompt</th><th>SFT (reference)</th><th>DPO</th><th>PPO</th></tr>
+{chr(10).join(cells)}
+</table></body></html>
+"""
+    with open(path, "w") as f:
+        f.write(page)
+    return path
+
+
+def write_report(out: str) -> str:
+    """DIR/report.md, DIR/img/{reward_model,ppo,win_rates,examples}.png and DIR/examples.html, from the
+    files the earlier stages wrote (summary.json, runs/*/metrics.jsonl, eval/*/samples.jsonl)."""
+    from jaxpref.plots import plot_ppo, plot_reward_model
+    from jaxpref.train.logging import read_metrics
+
+    summary = read_summary(out)
+    plan, rm = summary["plan"], summary["reward_model"]
+    img = os.path.join(out, "img")
+    plot_reward_model(os.path.join(out, "runs", "reward"), os.path.join(img, "reward_model.png"),
+                      ceiling=rm.get("label_agreement"), gold=rm.get("gold_accuracy"))
+    plot_ppo(os.path.join(out, "runs", "ppo"), os.path.join(img, "ppo.png"))
+    plot_win_rates(summary, os.path.join(img, "win_rates.png"))
+    rows = examples(out)
+    plot_examples(rows, os.path.join(img, "examples.png"))
+    write_examples_html(rows, os.path.join(out, "examples.html"))
+    samples = {m: _samples(out, m) for m in METHODS}
+    ppo_evals = [r for r in read_metrics(os.path.join(out, "runs", "ppo")) if "eval_judge_score" in r]
+
+    steps = {k: plan[k]["max_steps"] for k in ("sft", "reward", "dpo", "ppo")}
+    model = plan["sft"].get("model.name_or_path", "small")
+    n = summary["ppo"]["num_prompts"]
+    lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
+
+    lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
+    what = {"data": f"{plan['data']['sft_rows']} / {plan['data']['preference_rows']} / {plan['data']['prompt_rows']} "
+                    f"train rows (sft / preference / prompt), {plan['data']['eval_rows']} eval rows each",
+            "sft": f"{steps['sft']} steps from `{model}` -> `runs/sft`",
+            "reward": f"{steps['reward']} steps from `runs/sft` -> `runs/reward`",
+            "dpo": f"{steps['dpo']} steps from `runs/sft` -> `runs/dpo`",
+            "ppo": f"{steps['ppo']} iterations from `runs/sft` against `runs/reward` -> `runs/ppo`",
+            "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts -> `eval/`",
+            "report": "this file, `img/`, `examples.html`"}
+    stages = dict(summary["stages"])
+    stages.setdefault("report", None)  # this stage: still running
+    for name, s in stages.items():
+        lines.append(f"| {name} | {_duration(s['seconds']) if s else '(this step)'} | {what.get(name, '')} |")
+    total = sum(s["seconds"] for s in stages.values() if s)
+    lines += [f"| total | {_duration(total)} (before the report) | |", ""]
+
+    lines += ["## Reward model", "",
+              f"Pairwise accuracy on the {rm['num_pairs']} held-out preference pairs "
+              "(`eval/reward_model/eval.json`):", "",
+              "| measure | value |", "|---|---|",
+              f"| accuracy against the eval labels | {_f(rm['accuracy'])} |",
+              f"| accuracy against the gold judge's ordering | {_f(rm.get('gold_accuracy'))} |",
+              "| labels the judge agrees with (label noise caps the first row here) | "
+              f"{_f(rm.get('label_agreement'))} |",
+              "", "![reward model accuracy](img/reward_model.png)", ""]
+
+    lines += [f"## DPO and PPO against SFT ({n} held-out prompts)", "",
+              "Each model samples one response per prompt (temperature 0.7, the same random keys for all). "
+              "Win-rates count ties as 1/2; ± is one standard error over prompts. KL is to SFT, in nats per response.",
+              "", "| method | gold-judge win-rate vs SFT | reward-model win-rate vs SFT | judge score | reward | "
+              "KL to SFT | length (tokens) |", "|---|---|---|---|---|---|---|"]
+    for name, m in _method_rows(summary):
+        win = f"{_f(m['win_rate'])} ± {_f(m.get('win_rate_se'), '.3f')}" if "win_rate" in m else "-"
+        rmw = f"{_f(m['rm_win_rate'])} ± {_f(m.get('rm_win_rate_se'), '.3f')}" if "rm_win_rate" in m else "-"
+        lines.append(f"| {name} | {win} | {rmw} | {_f(m['judge_score'])} | {_f(m.get('reward'))} | "
+                     f"{_f(m.get('kl'), '.3f')} | {_f(m.get('length'), '.1f')} |")
+    lines += ["", "![win-rates](img/win_rates.png)", "", "PPO per iteration (held-out evaluations every "
+              f"{plan['ppo'].get('eval_steps', '?')} iterations):", "", "![PPO](img/ppo.png)", ""]
+
+    lines += ["## Reward hacking", "",
+              "A case: the reward model scores the policy's response above SFT's, the gold judge does not (equal or "
+              "lower). Not every case is exploitation: the reward model orders held-out pairs like the judge only "
+              f"{_f(rm.get('gold_accuracy'))} of the time, and the judge often scores both responses the same (e.g. "
+              "both 0). What points at exploitation is a rate of such cases well above the reward model's error "
+              "rate, and a held-out reward that climbs while the judge score does not.", ""]
+    for m in METHODS:
+        cases = hacking_cases(samples[m])
+        lower = sum(s["policy_judge"] < s["reference_judge"] for s in cases)
+        lines.append(f"- {m.upper()}: {len(cases)} of {len(samples[m])} prompts ({len(cases) / len(samples[m]):.0%}); "
+                     f"on {lower} of them the judge scores the policy strictly lower.")
+    if len(ppo_evals) >= 2:
+        a, b = ppo_evals[0], ppo_evals[-1]
+        lines.append(f"- During PPO training (held-out, step {a['step']} -> {b['step']}): reward "
+                     f"{_f(a.get('eval_reward'))} -> {_f(b.get('eval_reward'))}, gold judge score "
+                     f"{_f(a['eval_judge_score'])} -> {_f(b['eval_judge_score'])}.")
+    lines.append("")
+    for m in METHODS:
+        cases = hacking_cases(samples[m])[:3]
+        if not cases:
+            lines += [f"No such case for {m.upper()}.", ""]
+            continue
+        lines += [f"The {len(cases)} largest reward gaps for {m.upper()}:", "",
+                  f"| prompt | SFT | {m.upper()} | reward SFT -> {m.upper()} | judge SFT -> {m.upper()} |",
+                  "|---|---|---|---|---|"]
+        for s in cases:
+            lines.append(f"| {_md(s['prompt'])} | {_md(s['reference'])} | {_md(s['policy'])} | "
+                         f"{s['reference_reward']:.2f} -> {s['policy_reward']:.2f} | "
+                         f"{s['reference_judge']:.2f} -> {s['policy_judge']:.2f} |")
+        lines.append("")
+
+    lines += ["## Examples", "",
+              f"The first {len(rows)} held-out prompts with each model's response and gold-judge score "
+              "([examples.html](examples.html) has them with the reward model's scores too):", "",
+              "![examples](img/examples.png)", "",
+              "Files: `summary.json` (the numbers above), `eval/*/samples.jsonl` (every sample), "
+              "`runs/*/metrics.jsonl`, `runs/*/` (Hugging Face model directories). Re-running the same "
+              "`jaxpref demo` command skips finished stages.", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def _md(text: str) -> str:
+    """Text for a markdown table cell."""
+    return (text or "(empty)").replace("|", "\\|").replace("\n", " ")
+
+
+def _paragraph(summary: dict, steps: dict, model: str) -> str:
+    rm, sft = summary["reward_model"], summary["sft"]
+    n = summary["ppo"]["num_prompts"]
+    start = f"the `{model}` preset from random initialisation" if not os.path.isdir(model) else f"`{model}`"
+    verdicts = []
+    for m in METHODS:
+        r = summary[m]
+        lo, hi = r["win_rate"] - 2 * r["win_rate_se"], r["win_rate"] + 2 * r["win_rate_se"]
+        where = "above" if lo > 0.5 else "below" if hi < 0.5 else "not distinguishable from"
+        verdicts.append(f"{m.upper()} wins {r['win_rate']:.3f} of the comparisons ({where} 0.5 at two standard "
+                        f"errors) while the reward model prefers it {r['rm_win_rate']:.3f} of the time")
+    gaps = [m.upper() for m in METHODS if summary[m]["rm_win_rate"] - summary[m]["win_rate"] > 0.1]
+    gap = (f"For {' and '.join(gaps)} the reward model's verdict runs well ahead of the judge's: the policy gained "
+           "more in what the reward model scores than in what the judge scores (see Reward hacking)." if gaps else
+           "The reward model's and the judge's verdicts agree to within 0.1.")
+    quick = (" This is the quick plan: short runs that show the pipeline working end to end; its numbers are noisy "
+             "and say little about what the methods can reach." if summary["quick"] else "")
+    return (f"This run trained {start} on the built-in shapes task with SFT ({steps['sft']} steps), then a reward "
+            f"model on noisy preference pairs ({steps['reward']} steps; held-out accuracy {_f(rm['accuracy'])} against "
+            f"the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and {_f(rm.get('gold_accuracy'))} against "
+            f"the gold judge), and tuned the SFT policy with DPO ({steps['dpo']} steps) and PPO ({steps['ppo']} "
+            f"iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
+            f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{quick}")
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def add_demo_parser(subparsers):
+    p = subparsers.add_parser("demo", help="the whole pipeline on the built-in shapes task, with a report",
+                              description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="the quick plan (target <= 8 min on a 2-core CPU) instead of the full one (<= 30 min)")
+    p.add_argument("--out", default="runs/demo",
+                   help="output directory; re-running with it resumes (default: runs/demo)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="change one plan entry, e.g. sft.max_steps=50, data.eval_rows=200, eval.num=100, "
+                        "ppo.kl_coef=0.1 (repeatable; part of the plan a re-run must match)")
+    p.add_argument("--configs", default=None,
+                   help="directory of the trainers' YAML configs (default: the repository's configs/shapes)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from jaxpref.config import ConfigError
+    from jaxpref.train.loop import NonFiniteError, RunError
+
+    try:
+        run_demo(args.out, quick=args.quick, sets=args.sets, configs=args.configs)
+    except (DemoError, ConfigError) as e:
+        print(f"jaxpref demo: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteError, RunError, FileNotFoundError, ValueError) as e:
+        print(f"jaxpref demo: {e}\nfinished stages are recorded in {summary_path(args.out)}; the same command "
+              f"continues from the failed stage", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\njaxpref demo: interrupted; the same command continues (finished stages are recorded in "
+              f"{summary_path(args.out)}, trainers resume from their last checkpoint)", file=sys.stderr)
+        return 130
+    return 0

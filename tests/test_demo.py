@@ -1,0 +1,156 @@
+"""`jaxpref demo`: the whole pipeline end to end with the tiny preset and a few steps per stage (a
+real subprocess, the real trainers), its files and numbers, resume (a re-run skips every finished
+stage), and the plan checks (a DIR made with another plan is refused)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from PIL import Image
+
+from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, make_plan, run_demo,
+                          trainer_config, write_summary)
+from test_train import run_jaxpref
+
+# The quick plan shrunk to seconds: the tiny preset, 32x32 images, a handful of rows and steps, one
+# length bucket per trainer (one compile per step function).
+TINY = {
+    "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
+    "sft.model.name_or_path": "tiny", "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
+    "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
+    "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
+    "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8,
+}
+for _stage in ("sft", "reward", "dpo", "ppo"):
+    TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
+                 f"{_stage}.per_device_eval_batch_size": 8, f"{_stage}.data.length_buckets": 80})
+    TINY.setdefault(f"{_stage}.eval_steps", TINY[f"{_stage}.max_steps"])
+    TINY.setdefault(f"{_stage}.save_steps", TINY[f"{_stage}.max_steps"])
+SETS = [f"{k}={v}" for k, v in TINY.items()]
+
+
+def _set_args(sets):
+    return [a for s in sets for a in ("--set", s)]
+
+
+# ~90 s of CPU (every trainer compiles its steps once); the README's main command, so it runs in CI
+def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, capsys):
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    r = run_jaxpref("demo", "--quick", "--out", str(out), *_set_args(SETS))
+    first = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[2/7] sft: 3 steps from tiny" in r.stdout and "[5/7] ppo: 2 iterations" in r.stdout
+    assert f"report: {out}/report.md" in r.stdout
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
+    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "sft", "reward", "dpo", "ppo", "eval", "report"]
+    assert all(v["seconds"] > 0 for v in s["stages"].values())
+    rm = s["reward_model"]
+    assert 0 <= rm["accuracy"] <= 1 and 0 <= rm["gold_accuracy"] <= 1 and 0 < rm["label_agreement"] <= 1
+    for method in ("dpo", "ppo"):
+        m = s[method]
+        assert 0 <= m["win_rate"] <= 1 and 0 <= m["rm_win_rate"] <= 1 and 0 <= m["judge_score"] <= 1
+        assert abs(m["kl"]) < 50 and m["num_prompts"] == 8 and 1 <= m["length"] <= 8
+    assert 0 <= s["sft"]["judge_score"] <= 1
+
+    # the files, and the numbers of summary.json in them
+    report = (out / "report.md").read_text()
+    numbers = [rm["accuracy"], rm["gold_accuracy"], rm["label_agreement"], s["sft"]["judge_score"]]
+    numbers += [s[m][k] for m in ("dpo", "ppo") for k in ("win_rate", "rm_win_rate", "judge_score")]
+    for x in numbers:
+        assert f"{x:.3f}" in report, x
+    for name in ("reward_model", "ppo", "win_rates", "examples"):
+        assert f"img/{name}.png" in report
+        with Image.open(out / "img" / f"{name}.png") as im:
+            assert im.width > 200 and im.height > 200
+    assert "## Reward hacking" in report and "of 8 prompts" in report
+    page = (out / "examples.html").read_text()
+    samples = [json.loads(line) for line in open(out / "eval" / "ppo" / "samples.jsonl")]
+    assert page.count('src="data:image/png;base64,') == 8
+    assert samples[0]["prompt"] in page
+    for method in ("reward_model", "dpo", "ppo"):
+        assert (out / "eval" / method / "eval.json").exists()
+    # the SFT trainer saved a checkpoint every step: what an interrupted stage resumes from
+    assert (out / "runs" / "sft" / "checkpoints").is_dir()
+    assert (out / "runs" / "ppo" / "model.safetensors").exists()
+
+    # a re-run skips every stage (nothing is recomputed: the recorded times stay)
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    again = run_demo(str(out), quick=True, sets=SETS)
+    assert time.perf_counter() - t0 < max(5.0, first / 10)
+    printed = capsys.readouterr().out
+    assert printed.count("finished in an earlier run") == len(STAGES)
+    assert again["stages"] == s["stages"] and json.loads((out / "summary.json").read_text()) == s
+
+    # a stage not recorded as finished runs again; the others are skipped
+    del s["stages"]["report"]
+    (out / "summary.json").write_text(json.dumps(s))
+    (out / "report.md").unlink()
+    run_demo(str(out), quick=True, sets=SETS)
+    assert capsys.readouterr().out.count("finished in an earlier run") == len(STAGES) - 1
+    assert (out / "report.md").exists() and "report" in json.loads((out / "summary.json").read_text())["stages"]
+
+    # another plan into the same DIR is refused, naming the difference
+    with pytest.raises(DemoError, match=r"sft\.max_steps: 3 -> 4"):
+        run_demo(str(out), quick=True, sets=SETS + ["sft.max_steps=4"])
+    with pytest.raises(DemoError, match="made with the quick plan .* \\(the full plan\\)"):
+        run_demo(str(out), quick=False, sets=SETS)
+
+
+def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, capsys):
+    """Tested on a DIR whose summary.json records every stage as finished: nothing but the checks runs."""
+    from jaxpref.cli import main
+
+    out = tmp_path / "demo"
+    demo = Demo(out=str(out), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
+    stages = {st.name: {"seconds": 1.0} for st in STAGES}
+    write_summary(str(out), {"quick": True, "plan": demo.plan, "configs": config_fingerprints(demo), "stages": stages})
+    assert run_demo(str(out), quick=True, sets=SETS)["stages"] == stages
+    assert capsys.readouterr().out.count("finished in an earlier run") == len(STAGES)
+
+    assert main(["demo", "--out", str(out), *_set_args(SETS)]) == 2  # the full plan into a quick DIR
+    assert "made with the quick plan" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(out), *_set_args(SETS + ["eval.num=4"])]) == 2
+    assert "eval.num: 8 -> 4" in capsys.readouterr().err
+
+    # the trainers' YAML files are part of what must match
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for kind in ("sft", "reward", "dpo", "ppo"):
+        text = open(os.path.join(default_configs_dir(), f"{kind}.yaml")).read()
+        (configs / f"{kind}.yaml").write_text(text + ("learning_rate: 0.5\n" if kind == "dpo" else ""))
+    with pytest.raises(DemoError, match=r"stage\(s\) dpo differs"):
+        run_demo(str(out), quick=True, sets=SETS, configs=str(configs))
+
+    # a directory that is not a demo's is never written into
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("")
+    with pytest.raises(DemoError, match="not a demo directory"):
+        run_demo(str(other), quick=True, sets=SETS)
+
+
+def test_plan_settings_and_trainer_configs():
+    plan = make_plan(False, ["sft.max_steps=7", "data.label_noise=0.2", "ppo.kl_coef=0.1"])
+    assert plan["sft"]["max_steps"] == 7 and plan["data"]["label_noise"] == 0.2 and plan["ppo"]["kl_coef"] == "0.1"
+    assert make_plan(True)["sft"]["max_steps"] == PLANS["quick"]["sft"]["max_steps"]
+    for bad, msg in (("sft", "expected STAGE.KEY=VALUE"), ("nope.x=1", "unknown stage 'nope'"),
+                     ("eval.nope=1", "eval has no setting 'nope'; its settings: num"),
+                     ("data.eval_rows=many", "expected int"), ("data.sft_rows=0", "must be >= 1")):
+        with pytest.raises(DemoError, match=msg):
+            make_plan(False, [bad])
+
+    demo = Demo(out="DIR", plan=make_plan(False, ["ppo.kl_coef=0.1"]), quick=False, configs=default_configs_dir())
+    ppo = trainer_config("ppo", demo, "prompt", start="sft", reward_model="reward")
+    assert (ppo.output_dir, ppo.data.dataset_name, ppo.model.name_or_path, ppo.reward_model_path) == (
+        "DIR/runs/ppo", "DIR/data/prompt", "DIR/runs/sft", "DIR/runs/reward")
+    assert ppo.max_steps == PLANS["full"]["ppo"]["max_steps"] and ppo.kl_coef == 0.1
+    assert ppo.resume_from_checkpoint is True and ppo.response_length == 48  # the rest is configs/shapes/ppo.yaml
+    sft = trainer_config("sft", demo, "sft")
+    assert sft.model.name_or_path == "small" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
