@@ -1,0 +1,214 @@
+"""Does a VLM read its image on the built-in shapes task? The probes of docs/TRAINING.md ("Why the SFT
+model is blind").
+
+    # 1. a vision tower pretrained alone on the scenes' attributes (kind, color, size per column),
+    #    saved as a `small` VLM directory (random decoder) that SFT can start from
+    python scripts/probe_grounding.py tower --head mean --steps 400 --out /tmp/tower
+    # 2. a short SFT on one kind of generated rows, printing the eval NLL per completion token with the
+    #    real images and with other rows' images (shuffled): a model that reads the image has a gap
+    python scripts/probe_grounding.py sft --init /tmp/tower --task color --steps 150
+    python scripts/probe_grounding.py sft --init small --task good-any --steps 150 --batch 16
+    # 3. the same gap for a trained model on a dataset's eval split
+    python scripts/probe_grounding.py gap runs/shapes-sft --data data/shapes/sft
+
+Tasks: `color` ("What color is the shape?" -> "red", one-shape scenes), `color-sentence` (-> "The shape
+is red."), `good-one` / `good-any` (the task's own prompts with good-tier answers, one-shape / 1-3-shape
+scenes). SFT here is plain AdamW at a constant rate, no clipping (the probe isolates the data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from jaxpref.data import shapes
+from jaxpref.data.processing import Processor, ProcessorConfig, preprocess_image
+from jaxpref.data.tokenizer import load_tokenizer
+from jaxpref.eval import first_rows
+from jaxpref.models import VLM
+from jaxpref.models.hf import load_pretrained, save_pretrained
+from jaxpref.models.presets import get_preset
+from jaxpref.models.vision import VisionEncoder
+from jaxpref.models.vlm import dummy_inputs
+from jaxpref.train.sft import loss_fn
+
+ATTRIBUTES = (("none",) + shapes.KINDS, ("none",) + tuple(shapes.COLORS), ("none",) + shapes.SIZES)
+
+
+def scene_labels(scene: shapes.Scene) -> np.ndarray:
+    """int32[3 columns, 3 attributes]: the index of each column's kind, color, size (0: empty column)."""
+    out = np.zeros((3, 3), np.int32)
+    for s in scene.shapes:
+        out[shapes.POSITIONS.index(s.position)] = [ATTRIBUTES[0].index(s.kind), ATTRIBUTES[1].index(s.color),
+                                                   ATTRIBUTES[2].index(s.size)]
+    return out
+
+
+def tower(args) -> None:
+    cfg = get_preset("small")
+    d, n_tok = cfg.vision.hidden_size, cfg.num_image_tokens
+    enc = VisionEncoder(cfg.vision, jnp.float32)
+    sizes = [len(a) for a in ATTRIBUTES]
+    width = (d if args.head == "mean" else n_tok * d)
+    params = {"tower": nn.meta.unbox(enc.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]),
+              "w": jax.random.normal(jax.random.key(1), (width, 3 * sum(sizes))) * width**-0.5,
+              "b": jnp.zeros(3 * sum(sizes))}
+
+    def loss(p, px, y):
+        f = enc.apply({"params": p["tower"]}, px)
+        f = f.mean(1) if args.head == "mean" else f.reshape(f.shape[0], -1)
+        logits = (f @ p["w"] + p["b"]).reshape(-1, 3, sum(sizes))
+        total, accs, lo = 0.0, [], 0
+        for i, n in enumerate(sizes):
+            part = logits[..., lo:lo + n]
+            total += optax.softmax_cross_entropy_with_integer_labels(part, y[..., i]).mean()
+            accs.append((part.argmax(-1) == y[..., i]).mean())
+            lo += n
+        return total, jnp.stack(accs)
+
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, args.lr, min(50, args.steps // 2), args.steps), weight_decay=0.01)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, o, px, y):
+        (l, a), g = jax.value_and_grad(loss, has_aux=True)(p, px, y)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, l, a
+
+    rng = np.random.default_rng(args.seed)
+
+    def batch(n, split):
+        scenes = [shapes.sample_scene(rng, split) for _ in range(n)]
+        px = np.stack([preprocess_image(Image.fromarray(shapes.render(s)), 64, "siglip") for s in scenes])
+        return px, np.stack([scene_labels(s) for s in scenes])
+
+    t0 = time.perf_counter()
+    for s in range(args.steps):
+        params, opt, l, a = step(params, opt, *batch(args.batch, "train"))
+        if s % 50 == 0 or s == args.steps - 1:
+            print(f"step {s} loss {float(l):.3f} train accuracy kind/color/size {np.round(np.asarray(a), 3)} "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+    _, acc = loss(params, *batch(512, "eval"))
+    print(f"held-out accuracy kind/color/size {np.round(np.asarray(acc), 3)}")
+    model = VLM(cfg)
+    full = dict(nn.meta.unbox(model.init(jax.random.key(args.seed), *dummy_inputs(cfg))["params"]))
+    full["vision"] = params["tower"]
+    save_pretrained(model, jax.device_get(full), args.out)
+    load_tokenizer("shapes").save_pretrained(args.out)
+    print(f"saved {args.out}")
+
+
+def generated_row(rng, task: str, split: str) -> dict:
+    one = task != "good-any"
+    while True:
+        scene = shapes.sample_scene(rng, split)
+        if not one or len(scene.shapes) == 1:
+            break
+    buf = io.BytesIO()
+    Image.fromarray(shapes.render(scene)).save(buf, "PNG")
+    if task in ("color", "color-sentence"):
+        color = scene.shapes[0].color
+        prompt, completion = "What color is the shape?", color if task == "color" else f"The shape is {color}."
+    else:
+        p = shapes.sample_prompt(scene, rng)
+        prompt, completion = p.text, shapes.responses(scene, p, rng)["good"]
+    return {"images": [{"bytes": buf.getvalue()}], "prompt": prompt, "completion": completion}
+
+
+def _batch(processor, rows):
+    b = processor.collate([processor(r) for r in rows])
+    b.pop("scene", None)
+    b["valid"] = np.ones(len(rows), np.float32)
+    return b
+
+
+def _gap(model, params, batches) -> tuple[float, float]:
+    """Eval NLL per completion token: (real images, each row given the next row's image)."""
+    f = jax.jit(lambda p, b: loss_fn(p, b, model=model)[0])
+    real = shuffled = tokens = 0.0
+    for b in batches:
+        real += float(f(params, b))
+        shuffled += float(f(params, {**b, "pixel_values": np.roll(b["pixel_values"], 1, axis=0)}))
+        tokens += float(b["completion_mask"].sum())
+    return real / tokens, shuffled / tokens
+
+
+def _load(init: str):
+    if init == "small":
+        model = VLM(get_preset("small"))
+        return model, nn.meta.unbox(model.init(jax.random.key(0), *dummy_inputs(model.config))["params"])
+    return load_pretrained(init, "float32")
+
+
+def sft(args) -> None:
+    model, params = _load(args.init)
+    processor = Processor(model.config, load_tokenizer("shapes"), ProcessorConfig(kind="sft", length_buckets=(80, 160)))
+    eval_rng, rng = np.random.default_rng(123), np.random.default_rng(args.seed)
+    held_out = [_batch(processor, [generated_row(eval_rng, args.task, "eval") for _ in range(64)])]
+    tx = optax.adamw(args.lr, weight_decay=0.0)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, o, b):
+        (l, _), g = jax.value_and_grad(lambda p: loss_fn(p, b, model=model), has_aux=True)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, l
+
+    t0 = time.perf_counter()
+    for s in range(args.steps):
+        params, opt, _ = step(params, opt, _batch(processor, [generated_row(rng, args.task, "train")
+                                                            for _ in range(args.batch)]))
+        if s % 25 == 0 or s == args.steps - 1:
+            real, shuffled = _gap(model, params, held_out)
+            print(f"step {s} held-out NLL/token real {real:.4f} shuffled {shuffled:.4f} "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def gap(args) -> None:
+    model, params = load_pretrained(args.model, "float32")
+    processor = Processor(model.config, load_tokenizer(args.model),
+                          ProcessorConfig(kind="sft", length_buckets=(16, 32, 48, 64, 80, 160)))
+    rows = list(first_rows(args.data, "eval", args.num))
+    batches = [_batch(processor, rows[i:i + 32]) for i in range(0, len(rows) - 31, 32)]
+    real, shuffled = _gap(model, params, batches)
+    print(f"{args.model} on {len(batches) * 32} rows of {args.data}: NLL/token real {real:.5f} shuffled {shuffled:.5f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(required=True)
+    p = sub.add_parser("tower", help="pretrain the vision tower on scene attributes, save a small VLM directory")
+    p.add_argument("--head", choices=["mean", "flat"], default="mean")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=tower)
+    p = sub.add_parser("sft", help="a short SFT on generated rows, printing the real/shuffled-image gap")
+    p.add_argument("--init", default="small", help="`small` (random init) or a model directory")
+    p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any"], default="color")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=sft)
+    p = sub.add_parser("gap", help="the real/shuffled-image gap of a trained model on a dataset's eval split")
+    p.add_argument("model")
+    p.add_argument("--data", default="data/shapes/sft")
+    p.add_argument("--num", type=int, default=256)
+    p.set_defaults(func=gap)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
