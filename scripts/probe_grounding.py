@@ -2,7 +2,8 @@
 model is blind").
 
     # 1. a vision tower pretrained alone on the scenes' attributes (kind, color, size per column),
-    #    saved as a `small` VLM directory (random decoder) that SFT can start from
+    #    saved as a `small` VLM directory (random decoder) that SFT can start from; --head patch:
+    #    each image token is trained to name the shape covering its patch (kind, color, size, column)
     python scripts/probe_grounding.py tower --head mean --steps 400 --out /tmp/tower
     # 2. a short SFT on one kind of generated rows, printing the eval NLL per completion token with the
     #    real images and with other rows' images (shuffled): a model that reads the image has a gap
@@ -52,20 +53,36 @@ def scene_labels(scene: shapes.Scene) -> np.ndarray:
     return out
 
 
+def patch_labels(scene: shapes.Scene, image_size: int = 64, patch: int = 8) -> np.ndarray:
+    """int32[patches, 4]: per image patch (raster order) the kind, color, size and column (1-3) of the
+    shape whose disc of nominal radius reaches the patch (0: background)."""
+    g = image_size // patch
+    out = np.zeros((g * g, 4), np.int32)
+    centers = (np.arange(g) + 0.5) * patch
+    for s in scene.shapes:
+        cx, cy, r = shapes.shape_geometry(s, image_size)
+        near = np.hypot(centers[None, :] - cx, centers[:, None] - cy) <= r + patch / 2  # [row, col]
+        out[near.reshape(-1)] = [ATTRIBUTES[0].index(s.kind), ATTRIBUTES[1].index(s.color),
+                                 ATTRIBUTES[2].index(s.size), shapes.POSITIONS.index(s.position) + 1]
+    return out
+
+
 def tower(args) -> None:
     cfg = get_preset("small")
     d, n_tok = cfg.vision.hidden_size, cfg.num_image_tokens
     enc = VisionEncoder(cfg.vision, jnp.float32)
-    sizes = [len(a) for a in ATTRIBUTES]
-    width = (d if args.head == "mean" else n_tok * d)
+    sizes = [len(a) for a in ATTRIBUTES] + ([4] if args.head == "patch" else [])
+    groups = n_tok if args.head == "patch" else 3  # predictions per image: one per patch, or per column
+    width = {"mean": d, "flat": n_tok * d, "patch": d}[args.head]
+    out_width = sum(sizes) * (1 if args.head == "patch" else 3)
     params = {"tower": nn.meta.unbox(enc.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]),
-              "w": jax.random.normal(jax.random.key(1), (width, 3 * sum(sizes))) * width**-0.5,
-              "b": jnp.zeros(3 * sum(sizes))}
+              "w": jax.random.normal(jax.random.key(1), (width, out_width)) * width**-0.5,
+              "b": jnp.zeros(out_width)}
 
     def loss(p, px, y):
         f = enc.apply({"params": p["tower"]}, px)
-        f = f.mean(1) if args.head == "mean" else f.reshape(f.shape[0], -1)
-        logits = (f @ p["w"] + p["b"]).reshape(-1, 3, sum(sizes))
+        f = {"mean": lambda: f.mean(1), "flat": lambda: f.reshape(f.shape[0], -1), "patch": lambda: f}[args.head]()
+        logits = (f @ p["w"] + p["b"]).reshape(-1, groups, sum(sizes))
         total, accs, lo = 0.0, [], 0
         for i, n in enumerate(sizes):
             part = logits[..., lo:lo + n]
@@ -88,7 +105,8 @@ def tower(args) -> None:
     def batch(n, split):
         scenes = [shapes.sample_scene(rng, split) for _ in range(n)]
         px = np.stack([preprocess_image(Image.fromarray(shapes.render(s)), 64, "siglip") for s in scenes])
-        return px, np.stack([scene_labels(s) for s in scenes])
+        labels = patch_labels if args.head == "patch" else scene_labels
+        return px, np.stack([labels(s) for s in scenes])
 
     t0 = time.perf_counter()
     for s in range(args.steps):
@@ -97,7 +115,8 @@ def tower(args) -> None:
             print(f"step {s} loss {float(l):.3f} train accuracy kind/color/size {np.round(np.asarray(a), 3)} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     _, acc = loss(params, *batch(512, "eval"))
-    print(f"held-out accuracy kind/color/size {np.round(np.asarray(acc), 3)}")
+    print(f"held-out accuracy kind/color/size{'/column' if args.head == 'patch' else ''} "
+          f"{np.round(np.asarray(acc), 3)}")
     model = VLM(cfg)
     full = dict(nn.meta.unbox(model.init(jax.random.key(args.seed), *dummy_inputs(cfg))["params"]))
     full["vision"] = params["tower"]
@@ -186,7 +205,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True)
     p = sub.add_parser("tower", help="pretrain the vision tower on scene attributes, save a small VLM directory")
-    p.add_argument("--head", choices=["mean", "flat"], default="mean")
+    p.add_argument("--head", choices=["mean", "flat", "patch"], default="mean",
+                   help="attributes per column from the mean of the tokens or from all of them, or per patch")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
