@@ -178,6 +178,8 @@ def sft(args) -> None:
     @jax.jit
     def step(p, o, b):
         (l, _), g = jax.value_and_grad(lambda p: loss_fn(p, b, model=model), has_aux=True)(p)
+        if args.freeze_vision:  # the tower (not the projector) keeps its weights
+            g = {**g, "vision": jax.tree.map(jnp.zeros_like, g["vision"])}
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, l
 
@@ -216,6 +218,7 @@ def main():
     p = sub.add_parser("sft", help="a short SFT on generated rows, printing the real/shuffled-image gap")
     p.add_argument("--init", default="small", help="`small` (random init) or a model directory")
     p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any"], default="color")
+    p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
