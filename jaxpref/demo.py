@@ -170,29 +170,12 @@ def _has_checkpoints(output_dir: str) -> bool:
 
 def stage_data(demo: Demo):
     """The shapes datasets in TRL's schema: DIR/data/<kind>/ with train and eval splits (parquet)."""
-    from tqdm import tqdm
-
-    from jaxpref.data.shapes import generate_split
-    from jaxpref.data.writers import write_shards
+    from jaxpref.data.cli import write_shapes
 
     p = demo.plan["data"]
-    splits = {kind: (("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])) for kind in DATA_KINDS}
-    info = {"task": "shapes", "seed": p["seed"], "image_size": p["image_size"], "label_noise": p["label_noise"],
-            "command": "jaxpref demo"}
-    with tqdm(total=sum(n for s in splits.values() for _, n in s), unit="row", desc="shapes") as bar:
-        for kind, kind_splits in splits.items():
-            for split, n in kind_splits:
-                bar.set_postfix_str(f"{kind}/{split}")
-                rows = generate_split(kind, n, p["seed"], image_size=p["image_size"], label_noise=p["label_noise"],
-                                      split=split)
-                write_shards(_counted(rows, bar), demo.path("data", kind), num_shards=min(4, n), split=split,
-                             info={**info, "kind": kind})
-
-
-def _counted(rows, bar):
-    for row in rows:
-        yield row
-        bar.update()
+    splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in DATA_KINDS}
+    write_shapes(demo.path("data"), splits, seed=p["seed"], image_size=p["image_size"], label_noise=p["label_noise"],
+                 num_shards=4, command="jaxpref demo")
 
 
 def _describe_data(demo: Demo) -> str:
@@ -475,10 +458,11 @@ def _image_bytes(out: str, num: int) -> list[bytes]:
     return [row["images"][0]["bytes"] for row in first_rows(os.path.join(out, "data", "prompt"), "eval", num)]
 
 
-def examples(out: str, num: int = NUM_EXAMPLES) -> list[dict]:
+def examples(out: str, samples: dict[str, list[dict]], num: int = NUM_EXAMPLES) -> list[dict]:
     """The first `num` held-out prompts: image (PNG bytes), prompt, and the SFT, DPO and PPO responses with
-    their judge scores and rewards (SFT's from the PPO comparison: the same keys give the same response in both)."""
-    by_method = {m: {s["index"]: s for s in _samples(out, m)} for m in METHODS}
+    their judge scores and rewards (SFT's from the PPO comparison: the same keys give the same response in both).
+    `samples`: {method: the eval samples of METHODS' comparisons with SFT}."""
+    by_method = {m: {s["index"]: s for s in samples[m]} for m in METHODS}
     images = _image_bytes(out, num)
     rows = []
     for i, image in enumerate(images):
@@ -610,10 +594,10 @@ def write_report(out: str) -> str:
                       ceiling=rm.get("label_agreement"), gold=rm.get("gold_accuracy"))
     plot_ppo(os.path.join(out, "runs", "ppo"), os.path.join(img, "ppo.png"))
     plot_win_rates(summary, os.path.join(img, "win_rates.png"))
-    rows = examples(out)
+    samples = {m: _samples(out, m) for m in METHODS}
+    rows = examples(out, samples)
     plot_examples(rows, os.path.join(img, "examples.png"))
     write_examples_html(rows, os.path.join(out, "examples.html"))
-    samples = {m: _samples(out, m) for m in METHODS}
     ppo_evals = [r for r in read_metrics(os.path.join(out, "runs", "ppo")) if "eval_judge_score" in r]
 
     steps = {k: plan[k]["max_steps"] for k in ("sft", "reward", "dpo", "ppo")}

@@ -49,11 +49,6 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_shapes(args) -> int:
-    from tqdm import tqdm
-
-    from jaxpref.data.shapes import generate_split
-    from jaxpref.data.writers import write_shards
-
     for name, value in (("--num-train", args.num_train), ("--num-eval", args.num_eval)):
         if value < 0:
             print(f"jaxpref data shapes: {name} must be >= 0, got {value}", file=sys.stderr)
@@ -65,24 +60,39 @@ def run_shapes(args) -> int:
     if not splits:
         print("jaxpref data shapes: --num-train and --num-eval are both 0: nothing to write", file=sys.stderr)
         return 2
-    info = {"task": "shapes", "seed": args.seed, "image_size": args.image_size, "label_noise": args.label_noise,
-            "command": shapes_command(args)}
-    cards = {}
-    with tqdm(total=len(KINDS) * sum(n for _, n in splits), unit="row", desc="shapes") as bar:
-        for kind in KINDS:
-            for split, n in splits:
-                bar.set_postfix_str(f"{kind}/{split}")
-                rows = generate_split(kind, n, args.seed, image_size=args.image_size, label_noise=args.label_noise,
-                                      split=split)
-                cards[kind] = write_shards(_counted(rows, bar), os.path.join(args.out, kind),
-                                           num_shards=min(args.num_shards, n), format=args.format, split=split,
-                                           info={**info, "kind": kind})
+    cards = write_shapes(args.out, {kind: splits for kind in KINDS}, seed=args.seed, image_size=args.image_size,
+                         label_noise=args.label_noise, num_shards=args.num_shards, format=args.format,
+                         command=shapes_command(args))
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(shapes_card(args, cards))
     for kind, card in cards.items():
         counts = ", ".join(f"{s} {v['num_rows']}" for s, v in card["splits"].items())
         print(f"wrote {os.path.join(args.out, kind)}: {counts} rows ({args.format})")
     return 0
+
+
+def write_shapes(out: str, splits: dict, *, seed: int, image_size: int, label_noise: float, num_shards: int,
+                 command: str, format: str = "parquet") -> dict:
+    """The built-in task's datasets under one progress bar: for each kind of `splits` ({kind: [(split,
+    rows), ...]}), out/<kind>/ holds those splits in at most `num_shards` shards. Returns {kind: card}
+    (write_shards' dataset info)."""
+    from tqdm import tqdm
+
+    from jaxpref.data.shapes import generate_split
+    from jaxpref.data.writers import write_shards
+
+    info = {"task": "shapes", "seed": seed, "image_size": image_size, "label_noise": label_noise, "command": command}
+    cards = {}
+    with tqdm(total=sum(n for kind_splits in splits.values() for _, n in kind_splits), unit="row",
+              desc="shapes") as bar:
+        for kind, kind_splits in splits.items():
+            for split, n in kind_splits:
+                bar.set_postfix_str(f"{kind}/{split}")
+                rows = generate_split(kind, n, seed, image_size=image_size, label_noise=label_noise, split=split)
+                cards[kind] = write_shards(_counted(rows, bar), os.path.join(out, kind),
+                                           num_shards=min(num_shards, n), format=format, split=split,
+                                           info={**info, "kind": kind})
+    return cards
 
 
 def _counted(rows, bar):
