@@ -481,12 +481,9 @@ def examples(out: str, samples: dict[str, list[dict]], num: int = NUM_EXAMPLES) 
 def plot_win_rates(summary: dict, path: str) -> str:
     """Bars: DPO's and PPO's win-rates against SFT by the gold judge and by the reward model (ties 1/2),
     with one standard error and the 0.5 line."""
-    import matplotlib
+    from jaxpref.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = pyplot().subplots(figsize=(5, 3.6))
     names = [m for m in METHODS if m in summary]
     width = 0.38
     for j, (key, label) in enumerate((("win_rate", "gold judge"), ("rm_win_rate", "reward model"))):
@@ -503,23 +500,17 @@ def plot_win_rates(summary: dict, path: str) -> str:
     ax.set_ylabel("win-rate against SFT")
     ax.set_title("held-out win-rates (ties 1/2)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_examples(rows: list[dict], path: str) -> str:
     """A grid: one held-out prompt per row, its image, and the SFT / DPO / PPO responses with judge scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
 
+    from jaxpref.plots import pyplot, save
+
     n = max(1, len(rows))
-    fig, axes = plt.subplots(n, 2, figsize=(12, 1.75 * n), squeeze=False,
+    fig, axes = pyplot().subplots(n, 2, figsize=(12, 1.75 * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 7]})
     for (ax_img, ax_txt), row in zip(axes, rows):
         ax_img.imshow(Image.open(io.BytesIO(row["image"])).convert("RGB"), interpolation="nearest")
@@ -535,11 +526,7 @@ def plot_examples(rows: list[dict], path: str) -> str:
         ax_img.set_axis_off()
         ax_txt.set_axis_off()
     fig.suptitle("held-out prompts: SFT, DPO and PPO responses (gold-judge score in brackets)", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=100)
 
 
 def write_examples_html(rows: list[dict], path: str) -> str:

@@ -19,31 +19,41 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _figure(panels: int):
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
-    return plt, fig, axes[0]
+    return plt
+
+
+def save(fig, path: str, dpi: int = 110) -> str:
+    """Lays out `fig`, writes it to `path` (creating its directory) and closes it; returns `path`."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def _figure(panels: int):
+    fig, axes = pyplot().subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
+    return fig, axes[0]
 
 
 def plot_run(run_dir: str, keys: list[str], path: str, title: str | None = None) -> str:
     """One panel per metric key, against the step."""
     records = read_metrics(run_dir)
-    plt, fig, axes = _figure(len(keys))
+    fig, axes = _figure(len(keys))
     for ax, key in zip(axes, keys):
         ax.plot(*_series(records, key), marker=".")
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(title or os.path.basename(os.path.normpath(run_dir)))
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_ppo(run_dir: str, path: str) -> str:
@@ -51,7 +61,7 @@ def plot_ppo(run_dir: str, path: str) -> str:
     reward model's score (training rollouts and held-out), KL to the reference, and the win-rates.
     A reward that climbs while the judge score does not is reward hacking."""
     records = read_metrics(run_dir)
-    plt, fig, axes = _figure(4)
+    fig, axes = _figure(4)
     ax = axes[0]
     ax.plot(*_series(records, "eval_judge_score"), marker="o", label="policy")
     ax.plot(*_series(records, "eval_reference_judge_score"), "--", label="reference (SFT)")
@@ -76,11 +86,7 @@ def plot_ppo(run_dir: str, path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"PPO: {run_dir}")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_reward_model(run_dir: str, path: str, ceiling: float | None = None, gold: float | None = None) -> str:
@@ -89,7 +95,7 @@ def plot_reward_model(run_dir: str, path: str, ceiling: float | None = None, gol
     eval labels the gold judge agrees with (label noise caps eval_accuracy there); `gold`: the final
     model's accuracy against the judge's ordering (jaxpref.eval.reward_model_accuracy)."""
     records = read_metrics(run_dir)
-    plt, fig, axes = _figure(1)
+    fig, axes = _figure(1)
     ax = axes[0]
     ax.plot(*_series(records, "accuracy"), alpha=0.6, label="train batches")
     ax.plot(*_series(records, "eval_accuracy"), marker="o", label="held-out (labels)")
@@ -104,8 +110,4 @@ def plot_reward_model(run_dir: str, path: str, ceiling: float | None = None, gol
     ax.set_title("reward model: pairwise accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
