@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -149,13 +150,17 @@ def _batch(processor, rows):
     return b
 
 
+@partial(jax.jit, static_argnames="model")
+def _nll_sum(model, params, batch):
+    return loss_fn(params, batch, model=model)[0]
+
+
 def _gap(model, params, batches) -> tuple[float, float]:
     """Eval NLL per completion token: (real images, each row given the next row's image)."""
-    f = jax.jit(lambda p, b: loss_fn(p, b, model=model)[0])
     real = shuffled = tokens = 0.0
     for b in batches:
-        real += float(f(params, b))
-        shuffled += float(f(params, {**b, "pixel_values": np.roll(b["pixel_values"], 1, axis=0)}))
+        real += float(_nll_sum(model, params, b))
+        shuffled += float(_nll_sum(model, params, {**b, "pixel_values": np.roll(b["pixel_values"], 1, axis=0)}))
         tokens += float(b["completion_mask"].sum())
     return real / tokens, shuffled / tokens
 
