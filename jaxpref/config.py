@@ -32,6 +32,10 @@ class ModelArgs:
     """A preset name (`jaxpref.models.preset_names()`: random init) or a Hugging Face model directory."""
     dtype: str = "float32"
     """Parameter (master weight) dtype: float32 or bfloat16."""
+    freeze_vision: bool = False
+    """Keep the vision tower's weights fixed (the projector and decoder train), as LLaVA's second stage
+    does: no gradient flows into the tower, and the optimizer neither updates nor decays it. PPO: for
+    the policy and the value model."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,12 +4,10 @@ the non-finite guard, metrics files, export) on the built-in task with the tiny 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -178,6 +176,48 @@ def test_gradient_accumulation_gives_the_full_batch_step():
         np.testing.assert_allclose(float(ma[k]), float(mb[k]), rtol=2e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_vision_trains_everything_but_the_tower(tmp_path):
+    """model.freeze_vision: the tower keeps its exact weights (no update, no weight decay, no Adam
+    moments), while the projector and decoder get the same gradients as without freezing (the tower's
+    features are fixed inputs to them), so grad_norm is the norm of those alone."""
+    from jaxpref.train.sft import loss_fn
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    kw = dict(weight_decay=0.1, max_grad_norm=0.0)
+    _, model, steps_f, sf = setup("sft", mesh, model={"name_or_path": "tiny", "freeze_vision": True}, **kw)
+    _, plain, steps_p, sp = setup("sft", mesh, **kw)
+    assert model.freeze_vision and not plain.freeze_vision
+    host = synthetic_batch(model, 8, "sft", seed=5)
+    full = jax.grad(lambda p: loss_fn(p, device_batch(host, mesh, None), model=plain)[0])(sp.params)
+    trained = {k: v for k, v in full.items() if k != "vision"}
+    tokens = host["completion_mask"].sum()
+    n_opt = len(jax.tree.leaves(sp.opt_state))
+    before = jax.device_get(sf.params)  # the step donates its input state
+    sf1, m = steps_f.train(sf, device_batch(host, mesh, 1))
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax_norm(trained)) / tokens, rtol=1e-5)
+    assert float(optax_norm(full["vision"])) > 0  # the tower would have trained
+    for a, b in zip(jax.tree.leaves(before["vision"]), jax.tree.leaves(sf1.params["vision"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for k in ("projector", "decoder"):
+        assert any(not np.array_equal(a, np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(before[k]), jax.tree.leaves(sf1.params[k]))), k
+    n_vision = len(jax.tree.leaves(before["vision"]))
+    assert len(jax.tree.leaves(sf1.opt_state)) == n_opt - 2 * n_vision  # no mu, nu for the tower
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))  # the masked optimizer state round-trips through Orbax
+    ckpt.save(1, sf1, {}, {})
+    ckpt.wait()
+    target = abstract_state(steps_f.shardings, jax.eval_shape(lambda: sf1.params), steps_f.tx)
+    restored, _, _ = Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore(1, target)
+    assert jax.tree.structure(restored) == jax.tree.structure(sf1)
+    for a, b in zip(jax.tree.leaves(sf1), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ckpt.close()
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 @pytest.mark.slow

@@ -102,6 +102,7 @@ class VLM(nn.Module):
     head: str = "lm"  # "lm" -> logits; "scalar" -> one value per position (reward / value models)
     dtype: Dtype = jnp.float32  # parameter and compute dtype
     remat: bool = False  # rematerialise each layer in the backward pass
+    freeze_vision: bool = False  # no gradient into the vision tower (its features are stop_gradient)
 
     def setup(self):
         c = self.config
@@ -128,6 +129,8 @@ class VLM(nn.Module):
         """pixel_values float[..., H, W, 3] -> projected features [..., N_img_tokens, E]."""
         lead = pixel_values.shape[:-3]
         x = self.vision(pixel_values.reshape((-1,) + pixel_values.shape[-3:]))
+        if self.freeze_vision:  # the tower's backward pass is never built
+            x = jax.lax.stop_gradient(x)
         if self.config.family == "llava" and self.config.vision_feature_select_strategy == "default":
             x = x[:, 1:]
         x = self.proj_1(x)

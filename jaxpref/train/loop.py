@@ -109,7 +109,8 @@ def load_params(spec: str, model: VLM, dtype: str, mesh, seed: int):
 
 def build_model(cfg: TrainingConfig, head: str) -> VLM:
     """The VLM module (master dtype) for model.name_or_path: a preset or an HF directory's config."""
-    return VLM(model_config(cfg.model.name_or_path, "model.name_or_path"), head=head, dtype=DTYPES[cfg.model.dtype])
+    return VLM(model_config(cfg.model.name_or_path, "model.name_or_path"), head=head, dtype=DTYPES[cfg.model.dtype],
+               freeze_vision=cfg.model.freeze_vision)
 
 
 def initial_params(cfg: TrainingConfig, model: VLM, mesh):

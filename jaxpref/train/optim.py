@@ -64,11 +64,28 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def frozen_labels(params):
+    """"frozen" for the vision tower's leaves (any path through a "vision" key: the VLM's, or each PPO
+    role's), "trained" elsewhere."""
+    def label(path, _):
+        return "frozen" if any(getattr(k, "key", None) == "vision" for k in path) else "trained"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(cfg, total_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
     """Global-norm clipping (max_grad_norm > 0), then AdamW (torch's: eps outside the root,
     decoupled weight decay lr * wd * p) on the schedule. With updates_per_step > 1 (PPO's epochs x
     mini-batches) the schedule advances once per training step, as TRL steps its scheduler once
-    per PPO iteration."""
+    per PPO iteration. With model.freeze_vision the tower's leaves get zero updates (no decay either)
+    and no optimizer state; clipping sees the trained leaves only."""
+    tx = _adamw(cfg, total_steps, updates_per_step)
+    if cfg.model.freeze_vision:
+        return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, frozen_labels)
+    return tx
+
+
+def _adamw(cfg, total_steps: int, updates_per_step: int) -> optax.GradientTransformation:
     schedule = make_schedule(cfg, total_steps)
     if updates_per_step > 1:
         schedule = (lambda sched: lambda count: sched(count // updates_per_step))(schedule)

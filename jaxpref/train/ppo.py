@@ -231,14 +231,14 @@ def step_rows(cfg: PPOConfig, mesh) -> int:
     return cfg.per_device_train_batch_size * batch_shards(mesh) * cfg.gradient_accumulation_steps * cfg.num_mini_batches
 
 
-def _role_model(path: str, head: str, dtype, what: str, policy: VLM) -> VLM:
+def _role_model(path: str, head: str, dtype, what: str, policy: VLM, trained: bool = False) -> VLM:
     p, c = policy.config, model_config(path, what)
     same_inputs = (c.family, c.vision.image_size, c.num_image_tokens, c.image_token_index, c.pad_token_id,
                    c.text.vocab_size) == (p.family, p.vision.image_size, p.num_image_tokens, p.image_token_index,
                                           p.pad_token_id, p.text.vocab_size)
     if not same_inputs:
         raise ConfigError(f"{what}: {path} does not read the policy's inputs (family, image size, image tokens, vocab)")
-    return VLM(c, head=head, dtype=dtype)
+    return VLM(c, head=head, dtype=dtype, freeze_vision=trained and policy.freeze_vision)
 
 
 def roles_of(cfg: PPOConfig, policy: VLM) -> tuple[dict[str, str], dict[str, VLM]]:
@@ -247,7 +247,7 @@ def roles_of(cfg: PPOConfig, policy: VLM) -> tuple[dict[str, str], dict[str, VLM
              "ref": cfg.ref_model or cfg.model.name_or_path, "reward": cfg.reward_model_path}
     frozen = DTYPES[cfg.frozen_dtype]
     models = {"policy": policy,
-              "value": _role_model(paths["value"], "scalar", policy.dtype, "value_model_path", policy),
+              "value": _role_model(paths["value"], "scalar", policy.dtype, "value_model_path", policy, trained=True),
               "ref": _role_model(paths["ref"], "lm", frozen, "ref_model", policy),
               "reward": _role_model(paths["reward"], "scalar", frozen, "reward_model_path", policy)}
     if models["ref"].config != policy.config:
