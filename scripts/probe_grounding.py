@@ -127,14 +127,16 @@ def tower(args) -> None:
 
 
 def generated_row(rng, task: str, split: str) -> dict:
-    one = task != "good-any"
+    one = task not in ("good-any", "short")
     while True:
         scene = shapes.sample_scene(rng, split)
         if not one or len(scene.shapes) == 1:
             break
     buf = io.BytesIO()
     Image.fromarray(shapes.render(scene)).save(buf, "PNG")
-    if task in ("color", "color-sentence"):
+    if task == "short":
+        prompt, completion = shapes.short_question(scene, rng)
+    elif task in ("color", "color-sentence"):
         color = scene.shapes[0].color
         prompt, completion = "What color is the shape?", color if task == "color" else f"The shape is {color}."
     else:
@@ -222,7 +224,7 @@ def main():
     p.set_defaults(func=tower)
     p = sub.add_parser("sft", help="a short SFT on generated rows, printing the real/shuffled-image gap")
     p.add_argument("--init", default="small", help="`small` (random init) or a model directory")
-    p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any"], default="color")
+    p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any", "short"], default="color")
     p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=32)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxpref.data.shapes import (COLORS, KINDS, QUESTIONS, TIERS, Scene, Shape, generate_split, judge,
-                                 parse_prompt, render, responses, sample_prompt, sample_scene, scene_split)
+from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape,
+                                 generate_split, judge, parse_claims, parse_prompt, render, responses,
+                                 sample_prompt, sample_scene, scene_split)
 from jaxpref.data.tokenizer import SPECIAL_TOKENS, load_shapes_tokenizer, load_tokenizer
 
 # A hand-made scene: a large red circle on the left, a small blue square on the right.
@@ -239,6 +240,40 @@ def test_preference_pairs_mix_easy_and_hard_and_sft_mixes_all_tiers():
     scores = np.array([judge(r["scene"], r["prompt"], r["completion"]) for r in sft])
     assert 0.2 < np.mean(scores >= 0.95) < 0.35 and 0.15 < np.mean(scores <= 0.05) < 0.4  # good, hallucinated
     assert 0.3 < np.mean((scores > 0.05) & (scores < 0.95)) < 0.65  # robotic and partial in between
+
+
+def test_short_questions_are_answered_from_the_scene_and_leave_the_other_rows_alone():
+    n, fraction = 600, 0.3
+    mixed = list(generate_split("sft", n, seed=7, image_size=16, short_fraction=fraction))
+    plain = list(generate_split("sft", n, seed=7, image_size=16))
+    short = [r["prompt"].startswith(SHORT_LEAD) for r in mixed]
+    assert abs(np.mean(short) - fraction) <= 3.5 * math.sqrt(fraction * (1 - fraction) / n)
+    assert [r["scene"] for r in mixed] == [r["scene"] for r in plain]  # the same scenes, row for row
+    assert all(a == b for a, b, s in zip(mixed, plain, short) if not s)  # task rows untouched
+    seen = set()
+    for r in (r for r, s in zip(mixed, short) if s):
+        scene, prompt, answer = Scene.from_json(r["scene"]), r["prompt"], r["completion"]
+        question = prompt[len(SHORT_LEAD):]
+        words = question.rstrip("?").split()
+        at = [POSITION_WORDS[w] for w in words if w in POSITION_WORDS]
+        if at:  # asks about the shape in a column
+            (shape,) = [s for s in scene.shapes if s.position == at[0]]
+            facts = parse_claims(answer)
+            said = facts.colors + [m.size for m in facts.mentions if m.size] + [m.kind for m in facts.mentions]
+            if "color" in words:
+                assert said == [shape.color], r
+            elif "which" in words:
+                assert said == [shape.kind], r
+            else:
+                assert answer == f"It is {shape.size}.", r
+            seen.add(words[0] + " " + words[1])
+        else:  # names a shape, or counts: the gold judge reads these prompts and scores a right answer 1
+            assert judge(scene, question, answer) == 1.0, r
+            assert judge(scene, question, "It is gray.") == 0.0  # an invented color answers nothing
+            seen.add(words[0])
+    assert seen == {"what color", "which shape", "is the", "what", "where", "how"}
+    with pytest.raises(ValueError, match="short_fraction"):
+        next(generate_split("preference", 1, 0, short_fraction=0.5))
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`jaxpref data ...`: write the built-in shapes datasets, inspect any dataset.
 
     jaxpref data shapes --out DIR [--num-train N] [--num-eval N] [--num-shards K]
-                        [--format parquet|array_record] [--image-size 64] [--label-noise 0.1] [--seed 0]
+                        [--format parquet|array_record] [--image-size 64] [--label-noise 0.1]
+                        [--sft-short-fraction 0.3] [--seed 0]
     jaxpref data inspect PATH [--split S] [--rows 3] [--save-images DIR]
 """
 
@@ -15,6 +16,7 @@ import shlex
 import sys
 
 KINDS = ("preference", "prompt", "sft")
+SHORT_FRACTION = 0.3  # of the sft train rows: short_question rows (see jaxpref.data.shapes)
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,6 +34,10 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
     s.add_argument("--label-noise", type=float, default=0.1,
                    help="fraction of preference pairs whose chosen/rejected are swapped (default: 0.1)")
+    s.add_argument("--sft-short-fraction", type=float, default=SHORT_FRACTION,
+                   help="fraction of the sft train rows that are one-word questions about the image ('Answer in a "
+                        f"word: what color is the shape on the left?' -> 'Red.'), which teach the model to read "
+                        f"it; the eval split has none (default: {SHORT_FRACTION})")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=run_shapes)
 
@@ -56,13 +62,17 @@ def run_shapes(args) -> int:
     if args.num_shards < 1:
         print(f"jaxpref data shapes: --num-shards must be >= 1, got {args.num_shards}", file=sys.stderr)
         return 2
+    if not 0 <= args.sft_short_fraction <= 1:
+        print(f"jaxpref data shapes: --sft-short-fraction must lie in [0, 1], got {args.sft_short_fraction}",
+              file=sys.stderr)
+        return 2
     splits = [(split, n) for split, n in (("train", args.num_train), ("eval", args.num_eval)) if n]
     if not splits:
         print("jaxpref data shapes: --num-train and --num-eval are both 0: nothing to write", file=sys.stderr)
         return 2
     cards = write_shapes(args.out, {kind: splits for kind in KINDS}, seed=args.seed, image_size=args.image_size,
                          label_noise=args.label_noise, num_shards=args.num_shards, format=args.format,
-                         command=shapes_command(args))
+                         command=shapes_command(args), sft_short_fraction=args.sft_short_fraction)
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(shapes_card(args, cards))
     for kind, card in cards.items():
@@ -72,23 +82,26 @@ def run_shapes(args) -> int:
 
 
 def write_shapes(out: str, splits: dict, *, seed: int, image_size: int, label_noise: float, num_shards: int,
-                 command: str, format: str = "parquet") -> dict:
+                 command: str, format: str = "parquet", sft_short_fraction: float = 0.0) -> dict:
     """The built-in task's datasets under one progress bar: for each kind of `splits` ({kind: [(split,
-    rows), ...]}), out/<kind>/ holds those splits in at most `num_shards` shards. Returns {kind: card}
-    (write_shards' dataset info)."""
+    rows), ...]}), out/<kind>/ holds those splits in at most `num_shards` shards; sft's train split mixes
+    in `sft_short_fraction` short questions. Returns {kind: card} (write_shards' dataset info)."""
     from tqdm import tqdm
 
     from jaxpref.data.shapes import generate_split
     from jaxpref.data.writers import write_shards
 
-    info = {"task": "shapes", "seed": seed, "image_size": image_size, "label_noise": label_noise, "command": command}
+    info = {"task": "shapes", "seed": seed, "image_size": image_size, "label_noise": label_noise,
+            "sft_short_fraction": sft_short_fraction, "command": command}
     cards = {}
     with tqdm(total=sum(n for kind_splits in splits.values() for _, n in kind_splits), unit="row",
               desc="shapes") as bar:
         for kind, kind_splits in splits.items():
             for split, n in kind_splits:
                 bar.set_postfix_str(f"{kind}/{split}")
-                rows = generate_split(kind, n, seed, image_size=image_size, label_noise=label_noise, split=split)
+                short = sft_short_fraction if (kind, split) == ("sft", "train") else 0.0
+                rows = generate_split(kind, n, seed, image_size=image_size, label_noise=label_noise, split=split,
+                                      short_fraction=short)
                 cards[kind] = write_shards(_counted(rows, bar), os.path.join(out, kind),
                                            num_shards=min(num_shards, n), format=format, split=split,
                                            info={**info, "kind": kind})
@@ -105,7 +118,7 @@ def shapes_command(args) -> str:
     return shlex.join(["jaxpref", "data", "shapes", "--out", args.out, "--num-train", str(args.num_train),
                        "--num-eval", str(args.num_eval), "--num-shards", str(args.num_shards), "--format",
                        args.format, "--image-size", str(args.image_size), "--label-noise", str(args.label_noise),
-                       "--seed", str(args.seed)])
+                       "--sft-short-fraction", str(args.sft_short_fraction), "--seed", str(args.seed)])
 
 
 def shapes_card(args, cards: dict) -> str:

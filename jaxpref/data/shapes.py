@@ -681,6 +681,37 @@ LEXICON = (COMMON_WORDS | set(KIND_WORDS) | OTHER_KINDS | set(COLOR_WORDS) | OTH
 # ---------------------------------------------------------------------------
 # Datasets in TRL's schema
 
+# Short single-fact questions: answers of a few words, each with one fact read off the image, in
+# which the fact is a single token. Mixed into SFT data (generate_split's short_fraction), they teach
+# the decoder to look up a shape's attributes in the image tokens far sooner than the task's long,
+# varied answers do (docs/TRAINING.md); the "Quick question:" lead keeps them apart from the task's
+# own prompts, whose tier mix they leave alone.
+SHORT_LEAD = "Quick question: "
+SHORT_TEMPLATES = {
+    "color_at": "what color is the shape {where}?",
+    "kind_at": "which shape is {where}?",
+    "size_at": "is the shape {where} small or large?",
+    "color_of": "what color is the {ref}?",
+    "where_is": "where is the {color} {kind}?",
+    "count": "how many shapes are there?",
+}
+
+
+def short_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """(prompt, completion): one question of SHORT_TEMPLATES about `scene` and its short answer ("It is
+    red.", "A circle.", "It is small.", "On the left.", "I count two.")."""
+    kind = tuple(SHORT_TEMPLATES)[int(rng.integers(len(SHORT_TEMPLATES)))]
+    i = int(rng.integers(len(scene.shapes)))
+    s = scene.shapes[i]
+    where = "in the center" if s.position == "center" else f"on the {s.position}"
+    prompt = (SHORT_LEAD + SHORT_TEMPLATES[kind]).format(where=where, ref=_color_ref(scene, i), color=s.color,
+                                                         kind=s.kind)
+    answer = {"color_at": f"It is {s.color}.", "kind_at": f"A {s.kind}.", "size_at": f"It is {s.size}.",
+              "color_of": f"It is {s.color}.", "where_is": f"{_cap(where)}.",
+              "count": f"I count {NUMBER_WORDS[len(scene.shapes)]}."}[kind]
+    return prompt, answer
+
+
 PAIR_TIERS = [(a, b) for i, a in enumerate(TIERS) for b in TIERS[i + 1:]]  # 6 pairs, easy and hard
 
 
@@ -689,14 +720,15 @@ def _image_column(scene: Scene, image_size: int) -> list[dict]:
 
 
 def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_noise: float = 0.1,
-                   split: str = "train") -> Iterator[dict]:
+                   split: str = "train", short_fraction: float = 0.0) -> Iterator[dict]:
     """`num` rows of one dataset in TRL's schema (plain-text prompts), deterministic for (kind, seed, split).
 
     kind "preference": images, prompt, chosen, rejected, scene. The pair's tiers are drawn
       uniformly from PAIR_TIERS (resampled until the judge scores them differently); chosen is the
       higher-scored one, then chosen/rejected are swapped with probability label_noise.
     kind "prompt": images, prompt, scene (for PPO/GRPO).
-    kind "sft": images, prompt, completion, scene; the completion's tier is uniform over TIERS.
+    kind "sft": images, prompt, completion, scene; the completion's tier is uniform over TIERS. With
+      short_fraction > 0, that fraction of the rows (in expectation) is a short_question instead.
     Train and eval scenes never share content (scene_split). `images` is [{"bytes": PNG, "path": None}].
     """
     if kind not in GENERATED_KINDS:
@@ -707,12 +739,21 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
         raise ValueError(f"num must be >= 0, got {num}")
     if not 0 <= label_noise <= 1:
         raise ValueError(f"label_noise must lie in [0, 1], got {label_noise}")
+    if not 0 <= short_fraction <= 1 or (short_fraction and kind != "sft"):
+        raise ValueError(f"short_fraction must lie in [0, 1] and is for kind 'sft' only, got {short_fraction} "
+                         f"for kind {kind!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind)])
+    # a separate stream, so that short_fraction=0 writes exactly the rows it always has
+    short_rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind), 1])
     for _ in range(num):
         scene = sample_scene(rng, split)
         prompt = sample_prompt(scene, rng)
         row = {"images": _image_column(scene, image_size), "prompt": prompt.text}
-        if kind == "sft":
+        if kind == "sft" and short_fraction and short_rng.random() < short_fraction:
+            row["prompt"], row["completion"] = short_question(scene, short_rng)
+            responses(scene, prompt, rng)  # keeps the main stream, and so the other rows, unchanged
+            rng.integers(len(TIERS))
+        elif kind == "sft":
             row["completion"] = responses(scene, prompt, rng)[TIERS[int(rng.integers(len(TIERS)))]]
         elif kind == "preference":
             while True:
