@@ -5,6 +5,7 @@
     jaxpref data shapes --out DIR                  write the built-in task's datasets
     jaxpref data inspect PATH                      schema, counts and a few rows of a dataset
     jaxpref generate --model DIR --image P --prompt T
+    jaxpref tower --out DIR                        pretrain a vision tower on the built-in task
     jaxpref sft --config F [key=value ...]         (and reward, dpo, ppo)
     jaxpref eval --policy DIR --reference DIR --data DIR   gold-judge / reward-model win-rate
 
@@ -77,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import add_eval_parser
     from .generate_cli import add_generate_parser
     from .train import add_train_parsers
+    from .train.tower import add_tower_parser
 
     add_demo_parser(sub)
     add_data_parser(sub)
     add_generate_parser(sub)
+    add_tower_parser(sub)
     add_train_parsers(sub)
     add_eval_parser(sub)
     return parser
