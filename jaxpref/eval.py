@@ -223,6 +223,34 @@ def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num
     return out
 
 
+def image_reliance(model_dir: str, data: str, split: str = "eval", num: int | None = 256, batch_size: int = 32,
+                   tokenizer: str | None = None) -> dict:
+    """How much an LM's completions depend on its image: the mean NLL per completion token of SFT rows
+    (prompt, completion) with their own images (`nll_real`) and with the next row's image
+    (`nll_shuffled`, rows rolled by one within each batch). A model that ignores the image has
+    gap = nll_shuffled - nll_real = 0; one that reads it has gap > 0. Whole batches only."""
+    from jaxpref.train.sft import loss_fn
+
+    mesh = make_mesh(1, -1, 1)
+    model, params = _load(model_dir, "lm", mesh, "model")
+    processor = Processor(model.config, load_tokenizer(tokenizer or model_dir), ProcessorConfig(
+        kind="sft", max_prompt_length=None, max_completion_length=None, max_length=None))
+    nll_sum = jax.jit(lambda p, b: loss_fn(p, b, model=model)[0])
+    rows = list(first_rows(data, split, num))
+    if len(rows) < batch_size:
+        raise ValueError(f"{data} split {split!r} has {len(rows)} rows, fewer than one batch of {batch_size}")
+    real = shuffled = tokens = 0.0
+    for start in range(0, len(rows) - batch_size + 1, batch_size):
+        batch = processor.collate([processor(r) for r in rows[start:start + batch_size]])
+        batch = {k: v for k, v in batch.items() if v.dtype != object}
+        batch["valid"] = np.ones(batch_size, np.float32)
+        real += float(nll_sum(params, batch))
+        shuffled += float(nll_sum(params, {**batch, "pixel_values": np.roll(batch["pixel_values"], 1, axis=0)}))
+        tokens += float(batch["completion_mask"].sum())
+    return {"num_rows": len(rows) // batch_size * batch_size, "nll_real": real / tokens,
+            "nll_shuffled": shuffled / tokens, "gap": (shuffled - real) / tokens}
+
+
 def summarize(samples: list[dict]) -> dict:
     """The metrics of a list of samples (see the module docstring)."""
     mean = lambda k: float(np.mean([s[k] for s in samples]))

@@ -34,7 +34,6 @@ from PIL import Image
 from jaxpref.data import shapes
 from jaxpref.data.processing import Processor, ProcessorConfig, preprocess_image
 from jaxpref.data.tokenizer import load_tokenizer
-from jaxpref.eval import first_rows
 from jaxpref.models import VLM
 from jaxpref.models.hf import load_pretrained, save_pretrained
 from jaxpref.models.presets import get_preset
@@ -201,13 +200,11 @@ def sft(args) -> None:
 
 
 def gap(args) -> None:
-    model, params = load_pretrained(args.model, "float32")
-    processor = Processor(model.config, load_tokenizer(args.model),
-                          ProcessorConfig(kind="sft", length_buckets=(16, 32, 48, 64, 80, 160)))
-    rows = list(first_rows(args.data, "eval", args.num))
-    batches = [_batch(processor, rows[i:i + 32]) for i in range(0, len(rows) - 31, 32)]
-    real, shuffled = _gap(model, params, batches)
-    print(f"{args.model} on {len(batches) * 32} rows of {args.data}: NLL/token real {real:.5f} shuffled {shuffled:.5f}")
+    from jaxpref.eval import image_reliance
+
+    r = image_reliance(args.model, args.data, "eval", num=args.num)
+    print(f"{args.model} on {r['num_rows']} rows of {args.data}: NLL/token real {r['nll_real']:.5f} "
+          f"shuffled {r['nll_shuffled']:.5f}")
 
 
 def main():

@@ -95,3 +95,39 @@ def test_reward_model_accuracy_against_labels_and_the_judge(models, tmp_path):
             assert agree == 1.0 and m["gold_accuracy"] == pytest.approx(m["accuracy"])
         else:
             assert agree < 1.0
+
+
+def test_image_reliance_is_the_loss_with_own_and_with_other_images(models, tmp_path):
+    """nll_real / nll_shuffled equal the completion log-probs (the DPO/KL code path) with each row's
+    image and with the previous row's; a model whose image features are constant has no gap."""
+    from jaxpref.data.processing import Processor, ProcessorConfig
+    from jaxpref.eval import _completion_logps, image_reliance
+    from jaxpref.models import load_pretrained
+
+    write_shards(generate_split("sft", 16, seed=4, image_size=32, split="eval"), str(tmp_path / "sft"),
+                 num_shards=1, split="eval")
+    r = image_reliance(str(models / "a"), str(tmp_path / "sft"), num=16, batch_size=8)
+    model, params = load_pretrained(str(models / "a"))
+    processor = Processor(model.config, load_shapes_tokenizer(), ProcessorConfig(kind="sft"))
+    rows = list(generate_split("sft", 16, seed=4, image_size=32, split="eval"))
+    want = {"real": 0.0, "shuffled": 0.0}
+    tokens = 0
+    for start in (0, 8):
+        b = processor.collate([processor(row) for row in rows[start:start + 8]])
+        b = {k: v for k, v in b.items() if v.dtype != object}
+        for name, px in (("real", b["pixel_values"]), ("shuffled", np.roll(b["pixel_values"], 1, axis=0))):
+            want[name] -= float(np.sum(_completion_logps(model, params, {**b, "pixel_values": px},
+                                                         b["completion_ids"], b["completion_mask"])))
+        tokens += int(b["completion_mask"].sum())
+    assert r["num_rows"] == 16
+    assert r["nll_real"] == pytest.approx(want["real"] / tokens, rel=1e-5)
+    assert r["nll_shuffled"] == pytest.approx(want["shuffled"] / tokens, rel=1e-5)
+    assert abs(r["gap"]) > 1e-6  # a random model's output does move with its image
+    blind = jax.tree.map(np.asarray, params)
+    blind["projector"]["kernel"] = np.zeros_like(blind["projector"]["kernel"])  # every image looks the same
+    save_pretrained(model, blind, str(tmp_path / "blind"))
+    load_shapes_tokenizer().save_pretrained(str(tmp_path / "blind"))
+    assert image_reliance(str(tmp_path / "blind"), str(tmp_path / "sft"), num=16, batch_size=8)["gap"] == \
+        pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        image_reliance(str(models / "a"), str(tmp_path / "sft"), num=4, batch_size=8)
