@@ -10,7 +10,8 @@
 Stages (STAGES, in order), each a call into the code its own command runs:
 
   data     the shapes datasets (jaxpref.data.shapes.generate_split)  -> DIR/data/{sft,preference,prompt}
-  sft      configs/shapes/sft.yaml + the plan                        -> DIR/runs/sft
+  tower    a vision tower pretrained on the scenes (jaxpref.train.tower)   -> DIR/runs/tower
+  sft      configs/shapes/sft.yaml + the plan, from DIR/runs/tower   -> DIR/runs/sft
   reward   configs/shapes/reward.yaml, from DIR/runs/sft             -> DIR/runs/reward
   dpo      configs/shapes/dpo.yaml, from DIR/runs/sft                -> DIR/runs/dpo
   ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo
@@ -53,8 +54,9 @@ from typing import Any, Callable
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500, "eval_rows": 300,
-                 "image_size": 64, "label_noise": 0.1, "seed": 0},
-        "sft": {"model.name_or_path": "small", "max_steps": 400, "eval_steps": 200, "save_steps": 100},
+                 "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
+        "tower": {"preset": "small", "steps": 400, "batch_size": 64, "learning_rate": 1e-3, "seed": 0},
+        "sft": {"max_steps": 400, "eval_steps": 200, "save_steps": 100},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
         "ppo": {"max_steps": 40, "eval_steps": 10, "save_steps": 10},
@@ -62,8 +64,9 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "quick": {
         "data": {"sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300, "eval_rows": 100,
-                 "image_size": 64, "label_noise": 0.1, "seed": 0},
-        "sft": {"model.name_or_path": "small", "max_steps": 80, "eval_steps": 40, "save_steps": 40},
+                 "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
+        "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 1e-3, "seed": 0},
+        "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
         "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5},
@@ -175,7 +178,7 @@ def stage_data(demo: Demo):
     p = demo.plan["data"]
     splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in DATA_KINDS}
     write_shapes(demo.path("data"), splits, seed=p["seed"], image_size=p["image_size"], label_noise=p["label_noise"],
-                 num_shards=4, command="jaxpref demo")
+                 num_shards=4, command="jaxpref demo", sft_short_fraction=p["sft_short_fraction"])
 
 
 def _describe_data(demo: Demo) -> str:
@@ -184,10 +187,30 @@ def _describe_data(demo: Demo) -> str:
     return f"train rows {rows}; {p['eval_rows']} eval rows each -> {demo.path('data')}"
 
 
+def stage_tower(demo: Demo) -> dict:
+    """The vision tower pretrained on the task's scenes (`jaxpref tower`), the start of SFT."""
+    from jaxpref.train.tower import TowerArgs, format_result, pretrain_tower
+
+    p, out = demo.plan["tower"], demo.path("runs", "tower")
+    if os.path.exists(os.path.join(out, "tower.json")):  # written, but the run stopped before summary.json
+        with open(os.path.join(out, "tower.json")) as f:
+            result = json.load(f)
+    else:
+        result = pretrain_tower(TowerArgs(output_dir=out, preset=p["preset"], steps=p["steps"],
+                                          batch_size=p["batch_size"], learning_rate=p["learning_rate"], seed=p["seed"]))
+    print(f"  {format_result(result)}", flush=True)
+    return {"tower": {k: result[k] for k in ("scene_accuracy", "patch_accuracy")}}
+
+
+def _describe_tower(demo: Demo) -> str:
+    p = demo.plan["tower"]
+    return f"{p['steps']} steps x {p['batch_size']} scenes on the `{p['preset']}` preset -> {demo.path('runs', 'tower')}"
+
+
 def stage_eval(demo: Demo) -> dict:
     """The reward model's held-out accuracy, and DPO and PPO against SFT (jaxpref.eval), written to
     DIR/eval/<name>/; returns summary.json's result entries."""
-    from jaxpref.eval import EvalArgs, evaluate, reward_model_accuracy, write
+    from jaxpref.eval import EvalArgs, evaluate, image_reliance, reward_model_accuracy, write
 
     p = demo.plan["eval"]
     rm = reward_model_accuracy(demo.path("runs", "reward"), demo.path("data", "preference"), "eval", num=None,
@@ -210,6 +233,10 @@ def stage_eval(demo: Demo) -> dict:
                        "win_rate_se": _win_se(samples, "judge"), "rm_win_rate_se": _win_se(samples, "reward")}
         out["sft"] = {"judge_score": m["reference_judge_score"], "reward": m["reference_reward"],
                       "length": m["reference_length"]}  # the same in both comparisons (same keys, same model)
+    rows = min(256, demo.plan["data"]["eval_rows"] // p["batch_size"] * p["batch_size"])
+    if rows:  # does SFT read the image? its loss on the sft eval split with each row's image and another's
+        out["sft"]["image"] = image_reliance(demo.path("runs", "sft"), demo.path("data", "sft"), "eval", num=rows,
+                                             batch_size=p["batch_size"])
     return out
 
 
@@ -225,7 +252,7 @@ def _win_se(samples: list[dict], score: str) -> float:
 
 def _describe_eval(demo: Demo) -> str:
     return (f"reward-model accuracy on {demo.path('data', 'preference')} (eval); DPO and PPO against SFT on "
-            f"{_prompts(demo)} -> {demo.path('eval')}")
+            f"{_prompts(demo)}; SFT's loss with real and shuffled images -> {demo.path('eval')}")
 
 
 def _prompts(demo: Demo) -> str:
@@ -240,10 +267,8 @@ def stage_report(demo: Demo):
 # The pipeline. A new stage is one entry here (and, if it has settings, an entry in each plan).
 STAGES: list[Stage] = [
     Stage("data", stage_data, _describe_data),
-    # VISION PRETRAINING GOES HERE (being written elsewhere): e.g.
-    #   Stage("vision", stage_vision, _describe_vision),   # -> DIR/runs/vision
-    # then start SFT from it: trainer("sft", data="sft", start="vision"), and add "vision" to PLANS.
-    trainer("sft", data="sft"),
+    Stage("tower", stage_tower, _describe_tower),
+    trainer("sft", data="sft", start="tower"),
     trainer("reward", data="preference", start="sft"),
     trainer("dpo", data="preference", start="sft"),
     trainer("ppo", data="prompt", start="sft", reward_model="reward"),
@@ -588,13 +613,15 @@ def write_report(out: str) -> str:
     ppo_evals = [r for r in read_metrics(os.path.join(out, "runs", "ppo")) if "eval_judge_score" in r]
 
     steps = {k: plan[k]["max_steps"] for k in ("sft", "reward", "dpo", "ppo")}
-    model = plan["sft"].get("model.name_or_path", "small")
+    model = plan["sft"].get("model.name_or_path", "runs/tower")
     n = summary["ppo"]["num_prompts"]
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
 
     lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
     what = {"data": f"{plan['data']['sft_rows']} / {plan['data']['preference_rows']} / {plan['data']['prompt_rows']} "
                     f"train rows (sft / preference / prompt), {plan['data']['eval_rows']} eval rows each",
+            "tower": f"{plan['tower']['steps']} steps x {plan['tower']['batch_size']} scenes, vision tower of "
+                     f"`{plan['tower']['preset']}` -> `runs/tower`",
             "sft": f"{steps['sft']} steps from `{model}` -> `runs/sft`",
             "reward": f"{steps['reward']} steps from `runs/sft` -> `runs/reward`",
             "dpo": f"{steps['dpo']} steps from `runs/sft` -> `runs/dpo`",
@@ -683,7 +710,13 @@ def _md(text: str) -> str:
 def _paragraph(summary: dict, steps: dict, model: str) -> str:
     rm, sft = summary["reward_model"], summary["sft"]
     n = summary["ppo"]["num_prompts"]
-    start = f"the `{model}` preset from random initialisation" if not os.path.isdir(model) else f"`{model}`"
+    if model == "runs/tower":
+        acc = summary.get("tower", {}).get("scene_accuracy", {})
+        start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes (held-out accuracy of the shape "
+                 f"in each column: kind {_f(acc.get('kind'))}, color {_f(acc.get('color'))}, size "
+                 f"{_f(acc.get('size'))}), frozen during SFT, and a decoder from random initialisation,")
+    else:
+        start = f"the `{model}` preset from random initialisation" if not os.path.isdir(model) else f"`{model}`"
     verdicts = []
     for m in METHODS:
         r = summary[m]
@@ -695,6 +728,11 @@ def _paragraph(summary: dict, steps: dict, model: str) -> str:
     gap = (f"For {' and '.join(gaps)} the reward model's verdict runs well ahead of the judge's: the policy gained "
            "more in what the reward model scores than in what the judge scores (see Reward hacking)." if gaps else
            "The reward model's and the judge's verdicts agree to within 0.1.")
+    image = sft.get("image")
+    reads = (f" SFT's loss per completion token on {image['num_rows']} held-out SFT rows is {image['nll_real']:.4f} "
+             f"with their own images and {image['nll_shuffled']:.4f} with other rows' (a gap of {image['gap']:.4f} "
+             f"nats: {'it reads the image' if image['gap'] > 0.01 else 'it barely reads the image'})."
+             if image else "")
     quick = (" This is the quick plan: short runs that show the pipeline working end to end; its numbers are noisy "
              "and say little about what the methods can reach." if summary["quick"] else "")
     return (f"This run trained {start} on the built-in shapes task with SFT ({steps['sft']} steps), then a reward "
@@ -702,7 +740,7 @@ def _paragraph(summary: dict, steps: dict, model: str) -> str:
             f"the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and {_f(rm.get('gold_accuracy'))} against "
             f"the gold judge), and tuned the SFT policy with DPO ({steps['dpo']} steps) and PPO ({steps['ppo']} "
             f"iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
-            f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{quick}")
+            f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{reads}{quick}")
 
 
 # ---------------------------------------------------------------------------

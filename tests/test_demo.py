@@ -19,7 +19,7 @@ from test_train import run_jaxpref
 # length bucket per trainer (one compile per step function).
 TINY = {
     "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
-    "sft.model.name_or_path": "tiny", "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
+    "tower.preset": "tiny", "tower.steps": 3, "tower.batch_size": 4, "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
     "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8,
@@ -43,12 +43,14 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     r = run_jaxpref("demo", "--quick", "--out", str(out), *_set_args(SETS))
     first = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "[2/7] sft: 3 steps from tiny" in r.stdout and "[5/7] ppo: 2 iterations" in r.stdout
+    assert f"[3/8] sft: 3 steps from {out}/runs/tower" in r.stdout and "[6/8] ppo: 2 iterations" in r.stdout
     assert f"report: {out}/report.md" in r.stdout
 
     s = json.loads((out / "summary.json").read_text())
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
-    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "sft", "reward", "dpo", "ppo", "eval", "report"]
+    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "sft", "reward", "dpo", "ppo", "eval",
+                                                               "report"]
+    assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and len(s["tower"]) == 2
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
     assert 0 <= rm["accuracy"] <= 1 and 0 <= rm["gold_accuracy"] <= 1 and 0 < rm["label_agreement"] <= 1
@@ -57,6 +59,8 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
         assert 0 <= m["win_rate"] <= 1 and 0 <= m["rm_win_rate"] <= 1 and 0 <= m["judge_score"] <= 1
         assert abs(m["kl"]) < 50 and m["num_prompts"] == 8 and 1 <= m["length"] <= 8
     assert 0 <= s["sft"]["judge_score"] <= 1
+    image = s["sft"]["image"]  # 8 eval rows: one batch of 8
+    assert image["num_rows"] == 8 and image["gap"] == pytest.approx(image["nll_shuffled"] - image["nll_real"])
 
     # the files, and the numbers of summary.json in them
     report = (out / "report.md").read_text()
@@ -64,6 +68,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     numbers += [s[m][k] for m in ("dpo", "ppo") for k in ("win_rate", "rm_win_rate", "judge_score")]
     for x in numbers:
         assert f"{x:.3f}" in report, x
+    assert f"{image['nll_real']:.4f} with their own images and {image['nll_shuffled']:.4f}" in report
     for name in ("reward_model", "ppo", "win_rates", "examples"):
         assert f"img/{name}.png" in report
         with Image.open(out / "img" / f"{name}.png") as im:
@@ -152,5 +157,6 @@ def test_plan_settings_and_trainer_configs():
         "DIR/runs/ppo", "DIR/data/prompt", "DIR/runs/sft", "DIR/runs/reward")
     assert ppo.max_steps == PLANS["full"]["ppo"]["max_steps"] and ppo.kl_coef == 0.1
     assert ppo.resume_from_checkpoint is True and ppo.response_length == 48  # the rest is configs/shapes/ppo.yaml
-    sft = trainer_config("sft", demo, "sft")
-    assert sft.model.name_or_path == "small" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
+    sft = trainer_config("sft", demo, "sft", start="tower")
+    assert sft.model.name_or_path == "DIR/runs/tower" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
+    assert sft.model.freeze_vision  # configs/shapes/sft.yaml: the pretrained tower stays as it is
