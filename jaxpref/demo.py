@@ -712,9 +712,10 @@ def _paragraph(summary: dict, steps: dict, model: str) -> str:
     n = summary["ppo"]["num_prompts"]
     if model == "runs/tower":
         acc = summary.get("tower", {}).get("scene_accuracy", {})
-        start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes (held-out accuracy of the shape "
-                 f"in each column: kind {_f(acc.get('kind'))}, color {_f(acc.get('color'))}, size "
-                 f"{_f(acc.get('size'))}), frozen during SFT, and a decoder from random initialisation,")
+        start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes "
+                 f"(held-out accuracy of the shape in each column: kind {_f(acc.get('kind'))}, color "
+                 f"{_f(acc.get('color'))}, size {_f(acc.get('size'))}), frozen during SFT, and a decoder from "
+                 "random initialisation,")
     else:
         start = f"the `{model}` preset from random initialisation" if not os.path.isdir(model) else f"`{model}`"
     verdicts = []

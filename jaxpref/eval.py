@@ -226,8 +226,8 @@ def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num
 def image_reliance(model_dir: str, data: str, split: str = "eval", num: int | None = 256, batch_size: int = 32,
                    tokenizer: str | None = None) -> dict:
     """How much an LM's completions depend on its image: the mean NLL per completion token of SFT rows
-    (prompt, completion) with their own images (`nll_real`) and with the next row's image
-    (`nll_shuffled`, rows rolled by one within each batch). A model that ignores the image has
+    (prompt, completion) with their own images (`nll_real`) and with the previous row's image
+    (`nll_shuffled`, images rolled by one within each batch). A model that ignores the image has
     gap = nll_shuffled - nll_real = 0; one that reads it has gap > 0. Whole batches only."""
     from jaxpref.train.sft import loss_fn
 

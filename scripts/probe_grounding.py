@@ -9,8 +9,9 @@ model is blind").
     #    real images and with other rows' images (shuffled): a model that reads the image has a gap
     python scripts/probe_grounding.py sft --init /tmp/tower --task color --steps 150
     python scripts/probe_grounding.py sft --init small --task good-any --steps 150 --batch 16
-    # 3. the same gap for a trained model on a dataset's eval split
+    # 3. the same gap for a trained model on a dataset's eval split, or on generated held-out rows
     python scripts/probe_grounding.py gap runs/shapes-sft --data data/shapes/sft
+    python scripts/probe_grounding.py gap runs/shapes-sft --generated short      # or: good
 
 Tasks: `color` ("What color is the shape?" -> "red", one-shape scenes), `color-sentence` (-> "The shape
 is red."), `good-one` / `good-any` (the task's own prompts with good-tier answers, one-shape / 1-3-shape
@@ -157,7 +158,7 @@ def _nll_sum(model, params, batch):
 
 
 def _gap(model, params, batches) -> tuple[float, float]:
-    """Eval NLL per completion token: (real images, each row given the next row's image)."""
+    """Eval NLL per completion token: (real images, each row given the previous row's image)."""
     real = shuffled = tokens = 0.0
     for b in batches:
         real += float(_nll_sum(model, params, b))
@@ -199,9 +200,28 @@ def sft(args) -> None:
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
 
 
+def generated_eval_rows(kind: str, num: int = 256) -> list[dict]:
+    """Held-out rows: `short` questions, or the task's prompts with `good`-tier answers."""
+    rows = list(shapes.generate_split("sft", num, seed=1, split="eval", short_fraction=1.0 if kind == "short" else 0.0))
+    if kind == "good":
+        rng = np.random.default_rng(0)
+        for r in rows:
+            r["completion"] = shapes.responses(shapes.Scene.from_json(r["scene"]), r["prompt"], rng)["good"]
+    return rows
+
+
 def gap(args) -> None:
     from jaxpref.eval import image_reliance
 
+    if args.generated:
+        model, params = load_pretrained(args.model, "float32")
+        processor = Processor(model.config, load_tokenizer(args.model),
+                              ProcessorConfig(kind="sft", length_buckets=(16, 32, 48, 64, 80, 160)))
+        rows = generated_eval_rows(args.generated, args.num)
+        real, shuffled = _gap(model, params, [_batch(processor, rows[i:i + 32]) for i in range(0, len(rows) - 31, 32)])
+        print(f"{args.model} on {len(rows) // 32 * 32} generated {args.generated} rows: NLL/token real {real:.4f} "
+              f"shuffled {shuffled:.4f}")
+        return
     r = image_reliance(args.model, args.data, "eval", num=args.num)
     print(f"{args.model} on {r['num_rows']} rows of {args.data}: NLL/token real {r['nll_real']:.5f} "
           f"shuffled {r['nll_shuffled']:.5f}")
@@ -232,6 +252,8 @@ def main():
     p.add_argument("model")
     p.add_argument("--data", default="data/shapes/sft")
     p.add_argument("--num", type=int, default=256)
+    p.add_argument("--generated", choices=["short", "good"], default=None,
+                   help="instead of --data: held-out short questions, or task prompts with good-tier answers")
     p.set_defaults(func=gap)
     args = parser.parse_args()
     args.func(args)

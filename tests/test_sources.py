@@ -251,7 +251,9 @@ def test_shapes_cli_writes_trl_datasets_and_a_card(tmp_path, fmt):
                 _, row = next(it)
                 assert set(row) == cols and drop_none(row) == drop_none(ref), (kind, split, j)
     card = (out / "README.md").read_text()
-    assert "--label-noise 0.2 --sft-short-fraction 0.5 --seed 5" in card and "| `preference/` |" in card and "| 12 | 3 |" in card
+    assert "--label-noise 0.2 --sft-short-fraction 0.5 --seed 5" in card
+    assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--sft-short-fraction", "1.5"]) == 2
+    assert not (tmp_path / "bad").exists() and "| `preference/` |" in card and "| 12 | 3 |" in card
     if fmt == "parquet":  # the card's YAML configs make the directory loadable by name
         import datasets
 

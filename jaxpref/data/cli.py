@@ -35,9 +35,9 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--label-noise", type=float, default=0.1,
                    help="fraction of preference pairs whose chosen/rejected are swapped (default: 0.1)")
     s.add_argument("--sft-short-fraction", type=float, default=SHORT_FRACTION,
-                   help="fraction of the sft train rows that are one-word questions about the image ('Answer in a "
-                        f"word: what color is the shape on the left?' -> 'Red.'), which teach the model to read "
-                        f"it; the eval split has none (default: {SHORT_FRACTION})")
+                   help="fraction of the sft train rows that are short questions about the image ('Quick "
+                        "question: what color is the shape on the left?' -> 'It is red.'), which teach the model "
+                        f"to read it; the eval split has none (default: {SHORT_FRACTION})")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=run_shapes)
 
