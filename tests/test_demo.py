@@ -19,7 +19,8 @@ from test_train import run_jaxpref
 # length bucket per trainer (one compile per step function).
 TINY = {
     "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
-    "tower.preset": "tiny", "tower.steps": 3, "tower.batch_size": 4, "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
+    "tower.preset": "tiny", "tower.steps": 3, "tower.batch_size": 4,
+    "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
     "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8,
