@@ -49,6 +49,22 @@ def test_render_puts_each_color_at_its_shape():
     assert np.all(img == render(scene, 96))
 
 
+def test_visible_shapes_marks_what_render_draws():
+    from jaxpref.data.shapes import BACKGROUND, visible_shapes
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        for size in (32, 64):
+            img, visible = render(scene, size), visible_shapes(scene, size)
+            assert visible.shape == (size, size) and set(np.unique(visible)) <= set(range(len(scene.shapes) + 1))
+            assert np.array_equal(visible > 0, (img != np.array(BACKGROUND)).any(-1))  # drawn <=> not background
+            for i, s in enumerate(scene.shapes):  # a pixel of exactly one shape's colour shows that shape
+                if sum(t.color == s.color for t in scene.shapes) == 1:
+                    solid = np.all(img == COLORS[s.color], axis=-1)
+                    assert solid.any() and (visible[solid] == i + 1).all(), (scene, size)
+
+
 def test_large_shapes_cover_more_pixels_than_small_ones():
     for kind in KINDS:
         areas = [np.all(render(Scene((Shape(kind, "red", "center", size),))) == COLORS["red"], -1).sum()

@@ -145,10 +145,28 @@ def render(scene: Scene, image_size: int = 64) -> np.ndarray:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     big = image_size * _SUPERSAMPLE
     img = Image.new("RGB", (big, big), BACKGROUND)
+    _paint(img, scene, [COLORS[s.color] for s in scene.shapes])
+    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BOX))
+
+
+def visible_shapes(scene: Scene, image_size: int = 64) -> np.ndarray:
+    """int32[image_size, image_size]: at each pixel of render(scene, image_size), 1 + the index of the
+    last-drawn shape that reaches it (any of its supersampled points: the pixel is not pure
+    background colour in that shape's own rendering), 0 on pure background."""
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    big = image_size * _SUPERSAMPLE
+    img = Image.new("L", (big, big), 0)
+    _paint(img, scene, list(range(1, len(scene.shapes) + 1)))  # later shapes paint over earlier ones
+    points = np.asarray(img).reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE)
+    return points.max((1, 3)).astype(np.int32)
+
+
+def _paint(img: Image.Image, scene: Scene, fills: list) -> None:
+    """Draws scene.shapes in order onto `img` (a supersampled canvas), shape i in fills[i]."""
     draw = ImageDraw.Draw(img)
-    for shape in scene.shapes:
-        cx, cy, r = shape_geometry(shape, big)
-        fill = COLORS[shape.color]
+    for shape, fill in zip(scene.shapes, fills):
+        cx, cy, r = shape_geometry(shape, img.width)
         if shape.kind == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif shape.kind == "square":
@@ -156,7 +174,6 @@ def render(scene: Scene, image_size: int = 64) -> np.ndarray:
             draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
         else:
             draw.polygon(_polygon(shape.kind, cx, cy, r), fill=fill)
-    return np.asarray(img.resize((image_size, image_size), Image.Resampling.BOX))
 
 
 def encode_png(image: np.ndarray) -> bytes:

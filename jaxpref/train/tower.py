@@ -38,20 +38,18 @@ ATTRIBUTES = {"kind": ("none",) + shapes.KINDS, "color": ("none",) + tuple(shape
 def patch_labels(scene: shapes.Scene, image_size: int, patch: int, min_cover: float = 0.1) -> np.ndarray:
     """int32[patches, 4]: for each image patch (raster order, as the tower's tokens) the index in
     ATTRIBUTES of the kind, color, size and column of the shape covering most of the patch's pixels
-    as drawn (each shape rendered alone, where it is not hidden by a later one), when it covers at
-    least `min_cover` of them; 0 ("none") elsewhere."""
+    as drawn (shapes.visible_shapes: the last-drawn shape reaching each pixel), when it covers at least
+    `min_cover` of them; 0 ("none") elsewhere."""
     g = image_size // patch
-    visible = np.zeros((image_size, image_size), np.int32)  # 1 + index of the shape drawn last, 0: none
-    for i, s in enumerate(scene.shapes):  # drawn in order, as render() draws them
-        alone = shapes.render(shapes.Scene((s,)), image_size)
-        visible[(alone != shapes.BACKGROUND).any(-1)] = i + 1
+    visible = shapes.visible_shapes(scene, image_size)
     cover = np.stack([(visible == i + 1).reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)
                       for i in range(len(scene.shapes))])  # [shapes, patches]
+    per_shape = np.array([[ATTRIBUTES[a].index(v) for a, v in
+                           (("kind", s.kind), ("color", s.color), ("size", s.size), ("column", s.position))]
+                          for s in scene.shapes], np.int32)
     out = np.zeros((g * g, len(ATTRIBUTES)), np.int32)
-    for p in np.nonzero(cover.max(0) >= min_cover)[0]:
-        s = scene.shapes[int(cover[:, p].argmax())]
-        out[p] = [ATTRIBUTES[a].index(v) for a, v in
-                  (("kind", s.kind), ("color", s.color), ("size", s.size), ("column", s.position))]
+    covered = cover.max(0) >= min_cover
+    out[covered] = per_shape[cover.argmax(0)[covered]]
     return out
 
 
