@@ -229,26 +229,40 @@ def image_reliance(model_dir: str, data: str, split: str = "eval", num: int | No
     (prompt, completion) with their own images (`nll_real`) and with the previous row's image
     (`nll_shuffled`, images rolled by one within each batch). A model that ignores the image has
     gap = nll_shuffled - nll_real = 0; one that reads it has gap > 0. Whole batches only."""
-    from jaxpref.train.sft import loss_fn
-
     mesh = make_mesh(1, -1, 1)
     model, params = _load(model_dir, "lm", mesh, "model")
     processor = Processor(model.config, load_tokenizer(tokenizer or model_dir), ProcessorConfig(
         kind="sft", max_prompt_length=None, max_completion_length=None, max_length=None))
-    nll_sum = jax.jit(lambda p, b: loss_fn(p, b, model=model)[0])
     rows = list(first_rows(data, split, num))
     if len(rows) < batch_size:
         raise ValueError(f"{data} split {split!r} has {len(rows)} rows, fewer than one batch of {batch_size}")
-    real = shuffled = tokens = 0.0
+    batches = []
     for start in range(0, len(rows) - batch_size + 1, batch_size):
         batch = processor.collate([processor(r) for r in rows[start:start + batch_size]])
         batch = {k: v for k, v in batch.items() if v.dtype != object}
         batch["valid"] = np.ones(batch_size, np.float32)
-        real += float(nll_sum(params, batch))
-        shuffled += float(nll_sum(params, {**batch, "pixel_values": np.roll(batch["pixel_values"], 1, axis=0)}))
-        tokens += float(batch["completion_mask"].sum())
-    return {"num_rows": len(rows) // batch_size * batch_size, "nll_real": real / tokens,
-            "nll_shuffled": shuffled / tokens, "gap": (shuffled - real) / tokens}
+        batches.append(batch)
+    real, shuffled = real_and_shuffled_nll(model, params, batches)
+    return {"num_rows": len(batches) * batch_size, "nll_real": real, "nll_shuffled": shuffled,
+            "gap": shuffled - real}
+
+
+def real_and_shuffled_nll(model: VLM, params, batches) -> tuple[float, float]:
+    """Mean NLL per completion token over collated SFT batches (with `valid`): with each row's own
+    image, and with the previous row's (images rolled by one within each batch)."""
+    real = shuffled = tokens = 0.0
+    for b in batches:
+        real += float(_nll_sum(model, params, b))
+        shuffled += float(_nll_sum(model, params, {**b, "pixel_values": np.roll(b["pixel_values"], 1, axis=0)}))
+        tokens += float(b["completion_mask"].sum())
+    return real / tokens, shuffled / tokens
+
+
+@partial(jax.jit, static_argnames="model")
+def _nll_sum(model: VLM, params, batch):
+    from jaxpref.train.sft import loss_fn
+
+    return loss_fn(params, batch, model=model)[0]
 
 
 def summarize(samples: list[dict]) -> dict:

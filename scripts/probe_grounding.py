@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from functools import partial
 
 import flax.linen as nn
 import jax
@@ -35,6 +34,7 @@ from PIL import Image
 from jaxpref.data import shapes
 from jaxpref.data.processing import Processor, ProcessorConfig, preprocess_image
 from jaxpref.data.tokenizer import load_tokenizer
+from jaxpref.eval import image_reliance, real_and_shuffled_nll
 from jaxpref.models import VLM
 from jaxpref.models.hf import load_pretrained, save_pretrained
 from jaxpref.models.presets import get_preset
@@ -152,21 +152,6 @@ def _batch(processor, rows):
     return b
 
 
-@partial(jax.jit, static_argnames="model")
-def _nll_sum(model, params, batch):
-    return loss_fn(params, batch, model=model)[0]
-
-
-def _gap(model, params, batches) -> tuple[float, float]:
-    """Eval NLL per completion token: (real images, each row given the previous row's image)."""
-    real = shuffled = tokens = 0.0
-    for b in batches:
-        real += float(_nll_sum(model, params, b))
-        shuffled += float(_nll_sum(model, params, {**b, "pixel_values": np.roll(b["pixel_values"], 1, axis=0)}))
-        tokens += float(b["completion_mask"].sum())
-    return real / tokens, shuffled / tokens
-
-
 def _load(init: str):
     if init == "small":
         model = VLM(get_preset("small"))
@@ -195,7 +180,7 @@ def sft(args) -> None:
         params, opt, _ = step(params, opt, _batch(processor, [generated_row(rng, args.task, "train")
                                                             for _ in range(args.batch)]))
         if s % 25 == 0 or s == args.steps - 1:
-            real, shuffled = _gap(model, params, held_out)
+            real, shuffled = real_and_shuffled_nll(model, params, held_out)
             print(f"step {s} held-out NLL/token real {real:.4f} shuffled {shuffled:.4f} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
 
@@ -211,14 +196,14 @@ def generated_eval_rows(kind: str, num: int = 256) -> list[dict]:
 
 
 def gap(args) -> None:
-    from jaxpref.eval import image_reliance
-
+    
     if args.generated:
         model, params = load_pretrained(args.model, "float32")
         processor = Processor(model.config, load_tokenizer(args.model),
                               ProcessorConfig(kind="sft", length_buckets=(16, 32, 48, 64, 80, 160)))
         rows = generated_eval_rows(args.generated, args.num)
-        real, shuffled = _gap(model, params, [_batch(processor, rows[i:i + 32]) for i in range(0, len(rows) - 31, 32)])
+        batches = [_batch(processor, rows[i:i + 32]) for i in range(0, len(rows) - 31, 32)]
+        real, shuffled = real_and_shuffled_nll(model, params, batches)
         print(f"{args.model} on {len(rows) // 32 * 32} generated {args.generated} rows: NLL/token real {real:.4f} "
               f"shuffled {shuffled:.4f}")
         return
