@@ -41,30 +41,21 @@ from jaxpref.models.presets import get_preset
 from jaxpref.models.vision import VisionEncoder
 from jaxpref.models.vlm import dummy_inputs
 from jaxpref.train.sft import loss_fn
-
-ATTRIBUTES = (("none",) + shapes.KINDS, ("none",) + tuple(shapes.COLORS), ("none",) + shapes.SIZES)
-
-
-def scene_labels(scene: shapes.Scene) -> np.ndarray:
-    """int32[3 columns, 3 attributes]: the index of each column's kind, color, size (0: empty column)."""
-    out = np.zeros((3, 3), np.int32)
-    for s in scene.shapes:
-        out[shapes.POSITIONS.index(s.position)] = [ATTRIBUTES[0].index(s.kind), ATTRIBUTES[1].index(s.color),
-                                                   ATTRIBUTES[2].index(s.size)]
-    return out
+from jaxpref.train.tower import ATTRIBUTES, scene_labels
 
 
 def patch_labels(scene: shapes.Scene, image_size: int = 64, patch: int = 8) -> np.ndarray:
     """int32[patches, 4]: per image patch (raster order) the kind, color, size and column (1-3) of the
-    shape whose disc of nominal radius reaches the patch (0: background)."""
+    shape whose disc of nominal radius reaches the patch (0: background). The probes' first labels,
+    kept so their numbers reproduce; `jaxpref tower` labels patches from the drawn pixels instead."""
     g = image_size // patch
     out = np.zeros((g * g, 4), np.int32)
     centers = (np.arange(g) + 0.5) * patch
     for s in scene.shapes:
         cx, cy, r = shapes.shape_geometry(s, image_size)
         near = np.hypot(centers[None, :] - cx, centers[:, None] - cy) <= r + patch / 2  # [row, col]
-        out[near.reshape(-1)] = [ATTRIBUTES[0].index(s.kind), ATTRIBUTES[1].index(s.color),
-                                 ATTRIBUTES[2].index(s.size), shapes.POSITIONS.index(s.position) + 1]
+        out[near.reshape(-1)] = [ATTRIBUTES["kind"].index(s.kind), ATTRIBUTES["color"].index(s.color),
+                                 ATTRIBUTES["size"].index(s.size), ATTRIBUTES["column"].index(s.position)]
     return out
 
 
@@ -72,7 +63,7 @@ def tower(args) -> None:
     cfg = get_preset("small")
     d, n_tok = cfg.vision.hidden_size, cfg.num_image_tokens
     enc = VisionEncoder(cfg.vision, jnp.float32)
-    sizes = [len(a) for a in ATTRIBUTES] + ([4] if args.head == "patch" else [])
+    sizes = [len(values) for values in ATTRIBUTES.values()][:4 if args.head == "patch" else 3]
     groups = n_tok if args.head == "patch" else 3  # predictions per image: one per patch, or per column
     width = {"mean": d, "flat": n_tok * d, "patch": d}[args.head]
     out_width = sum(sizes) * (1 if args.head == "patch" else 3)
