@@ -766,12 +766,10 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
         scene = sample_scene(rng, split)
         prompt = sample_prompt(scene, rng)
         row = {"images": _image_column(scene, image_size), "prompt": prompt.text}
-        if kind == "sft" and short_fraction and short_rng.random() < short_fraction:
-            row["prompt"], row["completion"] = short_question(scene, short_rng)
-            responses(scene, prompt, rng)  # keeps the main stream, and so the other rows, unchanged
-            rng.integers(len(TIERS))
-        elif kind == "sft":
+        if kind == "sft":  # drawn for every row, so that the main stream and the other rows stay the same
             row["completion"] = responses(scene, prompt, rng)[TIERS[int(rng.integers(len(TIERS)))]]
+            if short_fraction and short_rng.random() < short_fraction:
+                row["prompt"], row["completion"] = short_question(scene, short_rng)
         elif kind == "preference":
             while True:
                 tiers = PAIR_TIERS[int(rng.integers(len(PAIR_TIERS)))]
