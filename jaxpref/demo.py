@@ -613,7 +613,7 @@ def write_report(out: str) -> str:
     ppo_evals = [r for r in read_metrics(os.path.join(out, "runs", "ppo")) if "eval_judge_score" in r]
 
     steps = {k: plan[k]["max_steps"] for k in ("sft", "reward", "dpo", "ppo")}
-    model = plan["sft"].get("model.name_or_path", "runs/tower")
+    model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the tower stage
     n = summary["ppo"]["num_prompts"]
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
 
@@ -622,7 +622,7 @@ def write_report(out: str) -> str:
                     f"train rows (sft / preference / prompt), {plan['data']['eval_rows']} eval rows each",
             "tower": f"{plan['tower']['steps']} steps x {plan['tower']['batch_size']} scenes, vision tower of "
                      f"`{plan['tower']['preset']}` -> `runs/tower`",
-            "sft": f"{steps['sft']} steps from `{model}` -> `runs/sft`",
+            "sft": f"{steps['sft']} steps from `{model or 'runs/tower'}` -> `runs/sft`",
             "reward": f"{steps['reward']} steps from `runs/sft` -> `runs/reward`",
             "dpo": f"{steps['dpo']} steps from `runs/sft` -> `runs/dpo`",
             "ppo": f"{steps['ppo']} iterations from `runs/sft` against `runs/reward` -> `runs/ppo`",
@@ -707,10 +707,10 @@ def _md(text: str) -> str:
     return (text or "(empty)").replace("|", "\\|").replace("\n", " ")
 
 
-def _paragraph(summary: dict, steps: dict, model: str) -> str:
+def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
     rm, sft = summary["reward_model"], summary["sft"]
     n = summary["ppo"]["num_prompts"]
-    if model == "runs/tower":
+    if model is None:
         acc = summary.get("tower", {}).get("scene_accuracy", {})
         start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes "
                  f"(held-out accuracy of the shape in each column: kind {_f(acc.get('kind'))}, color "
