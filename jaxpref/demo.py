@@ -55,17 +55,17 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500, "eval_rows": 300,
                  "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
-        "tower": {"preset": "small", "steps": 400, "batch_size": 64, "learning_rate": 1e-3, "seed": 0},
+        "tower": {"preset": "small", "steps": 800, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
         "sft": {"max_steps": 400, "eval_steps": 200, "save_steps": 100},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
-        "ppo": {"max_steps": 40, "eval_steps": 10, "save_steps": 10},
+        "ppo": {"max_steps": 60, "eval_steps": 10, "save_steps": 10},
         "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32},
     },
     "quick": {
         "data": {"sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300, "eval_rows": 100,
                  "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
-        "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 1e-3, "seed": 0},
+        "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
@@ -199,7 +199,7 @@ def stage_tower(demo: Demo) -> dict:
         result = pretrain_tower(TowerArgs(output_dir=out, preset=p["preset"], steps=p["steps"],
                                           batch_size=p["batch_size"], learning_rate=p["learning_rate"], seed=p["seed"]))
     print(f"  {format_result(result)}", flush=True)
-    return {"tower": {k: result[k] for k in ("scene_accuracy", "patch_accuracy")}}
+    return {"tower": {k: result[k] for k in ("scene_accuracy", "patch_accuracy") if k in result}}
 
 
 def _describe_tower(demo: Demo) -> str:

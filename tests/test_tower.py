@@ -1,5 +1,6 @@
 """Vision-tower pretraining on the shapes task (jaxpref.train.tower): its per-patch labels against the
-rendered pixels, a short real run that learns, and the model directory it writes."""
+rendered pixels, short real runs that learn (the scene head; the optional patch head), and the model
+directory it writes."""
 
 from __future__ import annotations
 
@@ -40,20 +41,18 @@ def test_patch_labels_name_the_shape_drawn_in_each_patch():
         assert 0.2 < empty < 1  # the background is labelled "none"
 
 
-def test_pretraining_learns_the_patches_and_writes_a_vlm(tmp_path):
+def test_pretraining_learns_the_scenes_and_writes_a_vlm(tmp_path):
     from jaxpref.models import VLM, get_preset, load_pretrained
     from jaxpref.models.vlm import dummy_inputs
 
     out = tmp_path / "tower"
-    args = TowerArgs(output_dir=str(out), preset="tiny", steps=150, batch_size=32, learning_rate=2e-3, seed=1,
+    args = TowerArgs(output_dir=str(out), preset="tiny", steps=600, batch_size=32, learning_rate=3e-3, seed=1,
                      eval_images=128)
     result = pretrain_tower(args, progress=False)
-    assert set(result["patch_accuracy"]) == set(ATTRIBUTES) and 0.05 < result["covered_patch_fraction"] < 0.6
-    # chance: 1/4 kind, 1/6 color, 1/2 size, 1/3 column (a head may also say "none")
-    assert result["patch_accuracy"]["color"] > 0.6 and result["patch_accuracy"]["column"] > 0.6, result
-    # the scene head (kind/color/size per column from the mean of 16 tiny tokens) learns far slower at this size
-    assert set(result["scene_accuracy"]) == {"kind", "color", "size"}
-    assert all(0 <= x <= 1 for x in result["scene_accuracy"].values())
+    assert set(result["scene_accuracy"]) == {"kind", "color", "size"} and "patch_accuracy" not in result
+    # chance over the columns holding a shape: 1/4 kind, 1/6 color, 1/2 size (the head may also say "none");
+    # the mean of 16 tiny tokens learns slowly (0.66 color, 0.78 size here), kinds slower still
+    assert result["scene_accuracy"]["color"] > 0.45 and result["scene_accuracy"]["size"] > 0.6, result
     assert json.loads((out / "tower.json").read_text()) == result
     model, params = load_pretrained(str(out))
     assert model.config == get_preset("tiny") and (out / "tokenizer.json").exists()
@@ -68,10 +67,22 @@ def test_pretraining_learns_the_patches_and_writes_a_vlm(tmp_path):
         pretrain_tower(args, progress=False)
 
 
+def test_the_optional_patch_head_learns_the_patches(tmp_path):
+    args = TowerArgs(output_dir=str(tmp_path / "tower"), preset="tiny", steps=150, batch_size=32,
+                     learning_rate=2e-3, seed=1, eval_images=128, patch_weight=1.0)
+    result = pretrain_tower(args, progress=False)
+    assert set(result["patch_accuracy"]) == set(ATTRIBUTES) and 0.05 < result["covered_patch_fraction"] < 0.6
+    # chance: 1/4 kind, 1/6 color, 1/2 size, 1/3 column (a head may also say "none")
+    assert result["patch_accuracy"]["color"] > 0.6 and result["patch_accuracy"]["column"] > 0.6, result
+    assert set(result["scene_accuracy"]) == {"kind", "color", "size"}
+
+
 def test_tower_cli_rejects_bad_arguments(capsys):
     from jaxpref.cli import main
 
     assert main(["tower", "--out", "unused", "--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
+    assert main(["tower", "--out", "unused", "--patch-weight", "-1"]) == 2
+    assert "patch_weight must be >= 0" in capsys.readouterr().err
     assert main(["tower", "--out", "unused", "--preset", "llava-1.5-7b"]) == 2
     assert "needs a PaliGemma (SigLIP) preset" in capsys.readouterr().err
