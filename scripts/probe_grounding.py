@@ -12,6 +12,9 @@ model is blind").
     # 3. the same gap for a trained model on a dataset's eval split, or on generated held-out rows
     python scripts/probe_grounding.py gap runs/shapes-sft --data data/shapes/sft
     python scripts/probe_grounding.py gap runs/shapes-sft --generated short      # or: good
+    # 4. greedy answers to held-out short questions: exact-match accuracy per question kind, with the
+    #    rows' own images and with other rows' (what the language prior alone gets right)
+    python scripts/probe_grounding.py answers runs/shapes-sft
 
 Tasks: `color` ("What color is the shape?" -> "red", one-shape scenes), `color-sentence` (-> "The shape
 is red."), `good-one` / `good-any` (the task's own prompts with good-tier answers, one-shape / 1-3-shape
@@ -203,6 +206,35 @@ def gap(args) -> None:
           f"shuffled {r['nll_shuffled']:.5f}")
 
 
+def answers(args) -> None:
+    """Greedy answers of a model to held-out short questions, exact-match accuracy per question kind
+    (SHORT_TEMPLATES), with the rows' own images and with other rows' images (chance level)."""
+    from jaxpref.generate import generate
+
+    model, params = load_pretrained(args.model, "float32")
+    tok = load_tokenizer(args.model)
+    processor = Processor(model.config, tok, ProcessorConfig(kind="sft", length_buckets=(16, 32, 48, 64, 80, 96)))
+    rows = generated_eval_rows("short", args.num)
+    kinds = {shapes.SHORT_LEAD + t.split("{")[0]: k for k, t in shapes.SHORT_TEMPLATES.items()}
+    hits = {"real": {}, "shuffled": {}}
+    for start in range(0, len(rows) - 31, 32):
+        chunk = rows[start:start + 32]
+        b = processor.collate([processor(r) for r in chunk])
+        for name, pixels in (("real", b["pixel_values"]), ("shuffled", np.roll(b["pixel_values"], 1, axis=0))):
+            g = generate(model, params, pixel_values=pixels, input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
+                         max_new_tokens=8, greedy=True, eos_token_id=model.config.eos_token_id,
+                         pad_token_id=model.config.pad_token_id, rng=jax.random.key(0))
+            tokens, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
+            for r, t, n in zip(chunk, tokens, lengths):
+                said = tok.decode([int(x) for x in t[:n] if x != model.config.eos_token_id], skip_special_tokens=True)
+                kind = next(k for lead, k in kinds.items() if r["prompt"].startswith(lead))
+                hits[name].setdefault(kind, []).append(said.strip() == r["completion"].strip())
+    for name, by in hits.items():
+        total = np.mean([h for v in by.values() for h in v])
+        print(f"{args.model} short-question exact match, {name} images: {total:.3f} ("
+              + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in sorted(by.items())) + ")")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True)
@@ -231,6 +263,10 @@ def main():
     p.add_argument("--generated", choices=["short", "good"], default=None,
                    help="instead of --data: held-out short questions, or task prompts with good-tier answers")
     p.set_defaults(func=gap)
+    p = sub.add_parser("answers", help="greedy answers to held-out short questions: exact-match accuracy per kind")
+    p.add_argument("model")
+    p.add_argument("--num", type=int, default=256)
+    p.set_defaults(func=answers)
     args = parser.parse_args()
     args.func(args)
 
