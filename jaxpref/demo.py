@@ -48,7 +48,7 @@ import textwrap
 import time
 from typing import Any, Callable
 
-# Measured on a 2-core CPU (docs/BENCHMARKS.md): full 32.0 min, quick 7.9 min, compile time included.
+# Measured on a 2-core CPU (docs/BENCHMARKS.md): full 42.3 min, quick 7.9 min, compile time included.
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
@@ -56,10 +56,10 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500, "eval_rows": 300,
                  "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
         "tower": {"preset": "small", "steps": 800, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
-        "sft": {"max_steps": 400, "eval_steps": 200, "save_steps": 100},
+        "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
-        "ppo": {"max_steps": 60, "eval_steps": 10, "save_steps": 10},
+        "ppo": {"max_steps": 40, "eval_steps": 10, "save_steps": 10},
         "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32},
     },
     "quick": {
