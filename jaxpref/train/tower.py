@@ -13,8 +13,8 @@ Optionally (patch_weight > 0) a second one:
   patch  from each image token: the kind, color, size and column of the shape covering its patch
          ("none" on the background). Off by default: at weight 1 it holds the scene head's kind
          accuracy at 0.29 after 400 steps (0.61 without it; docs/TRAINING.md), and kinds are what
-         most of the task's questions name. Without it, the defaults (800 steps at 2e-3) reach kind
-         0.86, color 1.00, size 0.99.
+         most of the task's questions name. Without it, the defaults (800 steps at 2e-3, 5.3 min on a
+         2-core CPU) reach kind 0.78, color 1.00, size 0.99.
 Accuracies are measured on held-out (eval-split) scenes: the scene head's over the columns holding
 a shape, the patch head's over the patches a shape covers (the background is most patches, and
 easy). The output directory is a full VLM in Hugging Face format (config.json, safetensors, the
