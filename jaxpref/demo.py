@@ -48,7 +48,7 @@ import textwrap
 import time
 from typing import Any, Callable
 
-# Measured on a 2-core CPU (docs/BENCHMARKS.md): full 42.3 min, quick 7.9 min, compile time included.
+# Measured on a 2-core CPU (docs/BENCHMARKS.md): full 42.3 min, quick 7.2 min, compile time included.
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
