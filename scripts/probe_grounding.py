@@ -190,7 +190,6 @@ def generated_eval_rows(kind: str, num: int = 256) -> list[dict]:
 
 
 def gap(args) -> None:
-    
     if args.generated:
         model, params = load_pretrained(args.model, "float32")
         processor = Processor(model.config, load_tokenizer(args.model),
@@ -219,7 +218,7 @@ def answers(args) -> None:
     hits = {"real": {}, "shuffled": {}}
     for start in range(0, len(rows) - 31, 32):
         chunk = rows[start:start + 32]
-        b = processor.collate([processor(r) for r in chunk])
+        b = _batch(processor, chunk)
         for name, pixels in (("real", b["pixel_values"]), ("shuffled", np.roll(b["pixel_values"], 1, axis=0))):
             g = generate(model, params, pixel_values=pixels, input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
                          max_new_tokens=8, greedy=True, eos_token_id=model.config.eos_token_id,

@@ -168,8 +168,7 @@ def pretrain_tower(args: TowerArgs, progress: bool = True) -> dict:
         scenes = [shapes.sample_scene(rng, split) for _ in range(n)]
         pixels = np.stack([preprocess_image(Image.fromarray(shapes.render(s, v.image_size)), v.image_size, "siglip")
                            for s in scenes])
-        patch = (np.stack([patch_labels(s, v.image_size, v.patch_size) for s in scenes]) if with_patch
-                 else np.zeros((len(scenes), 1, len(ATTRIBUTES)), np.int32))  # unused
+        patch = np.stack([patch_labels(s, v.image_size, v.patch_size) for s in scenes]) if with_patch else None
         return pixels, patch, np.stack([scene_labels(s) for s in scenes])
 
     t0 = time.perf_counter()
