@@ -9,16 +9,17 @@
 
 Stages (STAGES, in order), each a call into the code its own command runs:
 
-  data     the shapes datasets (jaxpref.data.shapes.generate_split)  -> DIR/data/{sft,preference,prompt}
+  data     the shapes datasets (jaxpref.data.shapes.generate_split) -> DIR/data/{short,sft,preference,prompt}
   tower    a vision tower pretrained on the scenes (jaxpref.train.tower)   -> DIR/runs/tower
-  sft      configs/shapes/sft.yaml + the plan, from DIR/runs/tower   -> DIR/runs/sft
+  pretrain configs/shapes/pretrain.yaml (SFT on short questions), from DIR/runs/tower -> DIR/runs/pretrain
+  sft      configs/shapes/sft.yaml + the plan, from DIR/runs/pretrain -> DIR/runs/sft
   reward   configs/shapes/reward.yaml, from DIR/runs/sft             -> DIR/runs/reward
   dpo      configs/shapes/dpo.yaml, from DIR/runs/sft                -> DIR/runs/dpo
   ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo
   eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT -> DIR/eval/{reward_model,dpo,ppo}/
   report   DIR/report.md, DIR/img/*.png, DIR/examples.html
 
-A trainer stage's config is its YAML file read by jaxpref.config.load_config (what `jaxpref sft
+A trainer stage's config is its YAML file (configs/shapes/<stage>.yaml) read by jaxpref.config.load_config (what `jaxpref sft
 --config F key=value` does) with the demo's paths and the plan's entries for that stage as
 key=value overrides. PLANS holds the two plans' step and row counts; `--set STAGE.KEY=VALUE`
 changes one entry (a trainer stage takes any config key, e.g. `--set sft.model.name_or_path=tiny`).
@@ -53,9 +54,10 @@ from typing import Any, Callable
 # of that trainer's config); `eval`: held-out prompts (0: every eval row).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
-        "data": {"sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500, "eval_rows": 300,
-                 "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
+        "data": {"short_rows": 12800, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
+                 "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
         "tower": {"preset": "small", "steps": 800, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
+        "pretrain": {"max_steps": 400, "eval_steps": 200, "save_steps": 100},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
@@ -63,9 +65,10 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32},
     },
     "quick": {
-        "data": {"sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300, "eval_rows": 100,
-                 "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
+        "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
+                 "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
         "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
+        "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
@@ -74,7 +77,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-DATA_KINDS = ("sft", "preference", "prompt")
+DATA_KINDS = ("short", "sft", "preference", "prompt")
 METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
 NUM_EXAMPLES = 8  # held-out prompts in the example grid
 
@@ -112,21 +115,24 @@ class Stage:
 # trainer stages
 
 
-def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, reward_model: str | None = None):
-    """The config of trainer stage `kind` (sft, reward, dpo, ppo): configs/shapes/<kind>.yaml through
-    jaxpref.config.load_config with overrides output_dir=DIR/runs/<kind>, data.dataset_name=DIR/data/<data>,
-    model.name_or_path=DIR/runs/<start> (when given), reward_model_path=DIR/runs/<reward_model> (when
-    given), resume_from_checkpoint=true, then the plan's entries for the stage."""
+def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, reward_model: str | None = None,
+                   name: str | None = None):
+    """The config of trainer stage `name` (default: `kind`), which runs trainer `kind` (sft, reward, dpo,
+    ppo): configs/shapes/<name>.yaml through jaxpref.config.load_config with overrides
+    output_dir=DIR/runs/<name>, data.dataset_name=DIR/data/<data>, model.name_or_path=DIR/runs/<start>
+    (when given), reward_model_path=DIR/runs/<reward_model> (when given), resume_from_checkpoint=true,
+    then the plan's entries for the stage."""
     from jaxpref.config import load_config
 
-    overrides = {"output_dir": demo.path("runs", kind), "data.dataset_name": demo.path("data", data),
+    name = name or kind
+    overrides = {"output_dir": demo.path("runs", name), "data.dataset_name": demo.path("data", data),
                  "resume_from_checkpoint": "true"}
     if start is not None:
         overrides["model.name_or_path"] = demo.path("runs", start)
     if reward_model is not None:
         overrides["reward_model_path"] = demo.path("runs", reward_model)
-    overrides.update(demo.plan.get(kind, {}))
-    return load_config(kind, os.path.join(demo.configs, f"{kind}.yaml"),
+    overrides.update(demo.plan.get(name, {}))
+    return load_config(kind, os.path.join(demo.configs, f"{name}.yaml"),
                        [f"{k}={_override_text(v)}" for k, v in overrides.items()])
 
 
@@ -140,9 +146,10 @@ def _override_text(value) -> str:
     return str(value)
 
 
-def trainer(kind: str, data: str, start: str | None = None, reward_model: str | None = None) -> Stage:
-    """A stage running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...)."""
-    config = lambda demo: trainer_config(kind, demo, data, start, reward_model)
+def trainer(kind: str, data: str, start: str | None = None, reward_model: str | None = None,
+            name: str | None = None) -> Stage:
+    """A stage `name` (default: `kind`) running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...)."""
+    config = lambda demo: trainer_config(kind, demo, data, start, reward_model, name)
 
     def run(demo: Demo):
         from jaxpref.train import RUNNERS
@@ -158,7 +165,7 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
         return (f"{cfg.max_steps} {unit} from {cfg.model.name_or_path}{extra} on {cfg.data.dataset_name} "
                 f"-> {cfg.output_dir}{resumed}")
 
-    return Stage(kind, run, describe, config)
+    return Stage(name or kind, run, describe, config)
 
 
 def _has_checkpoints(output_dir: str) -> bool:
@@ -268,7 +275,8 @@ def stage_report(demo: Demo):
 STAGES: list[Stage] = [
     Stage("data", stage_data, _describe_data),
     Stage("tower", stage_tower, _describe_tower),
-    trainer("sft", data="sft", start="tower"),
+    trainer("sft", name="pretrain", data="short", start="tower"),
+    trainer("sft", data="sft", start="pretrain"),
     trainer("reward", data="preference", start="sft"),
     trainer("dpo", data="preference", start="sft"),
     trainer("ppo", data="prompt", start="sft", reward_model="reward"),
@@ -612,17 +620,18 @@ def write_report(out: str) -> str:
     write_examples_html(rows, os.path.join(out, "examples.html"))
     ppo_evals = [r for r in read_metrics(os.path.join(out, "runs", "ppo")) if "eval_judge_score" in r]
 
-    steps = {k: plan[k]["max_steps"] for k in ("sft", "reward", "dpo", "ppo")}
-    model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the tower stage
+    steps = {k: plan[k]["max_steps"] for k in ("pretrain", "sft", "reward", "dpo", "ppo")}
+    model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the pretrain stage
     n = summary["ppo"]["num_prompts"]
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
 
     lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
-    what = {"data": f"{plan['data']['sft_rows']} / {plan['data']['preference_rows']} / {plan['data']['prompt_rows']} "
-                    f"train rows (sft / preference / prompt), {plan['data']['eval_rows']} eval rows each",
+    what = {"data": " / ".join(str(plan["data"][f"{k}_rows"]) for k in DATA_KINDS) + f" train rows ({' / '.join(DATA_KINDS)}), "
+                    f"{plan['data']['eval_rows']} eval rows each",
             "tower": f"{plan['tower']['steps']} steps x {plan['tower']['batch_size']} scenes, vision tower of "
                      f"`{plan['tower']['preset']}` -> `runs/tower`",
-            "sft": f"{steps['sft']} steps from `{model or 'runs/tower'}` -> `runs/sft`",
+            "pretrain": f"{steps['pretrain']} steps of short questions from `runs/tower` -> `runs/pretrain`",
+            "sft": f"{steps['sft']} steps from `{model or 'runs/pretrain'}` -> `runs/sft`",
             "reward": f"{steps['reward']} steps from `runs/sft` -> `runs/reward`",
             "dpo": f"{steps['dpo']} steps from `runs/sft` -> `runs/dpo`",
             "ppo": f"{steps['ppo']} iterations from `runs/sft` against `runs/reward` -> `runs/ppo`",
@@ -714,8 +723,8 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
         acc = summary.get("tower", {}).get("scene_accuracy", {})
         start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes "
                  f"(held-out accuracy of the shape in each column: kind {_f(acc.get('kind'))}, color "
-                 f"{_f(acc.get('color'))}, size {_f(acc.get('size'))}), frozen during SFT, and a decoder from "
-                 "random initialisation,")
+                 f"{_f(acc.get('color'))}, size {_f(acc.get('size'))}) and frozen from then on, and a decoder "
+                 f"pretrained on short questions about the scenes ({steps['pretrain']} steps),")
     else:
         start = f"the `{model}` preset from random initialisation" if not os.path.isdir(model) else f"`{model}`"
     verdicts = []

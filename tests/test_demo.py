@@ -18,14 +18,14 @@ from test_train import run_jaxpref
 # The quick plan shrunk to seconds: the tiny preset, 32x32 images, a handful of rows and steps, one
 # length bucket per trainer (one compile per step function).
 TINY = {
-    "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
+    "data.short_rows": 16, "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
     "tower.preset": "tiny", "tower.steps": 3, "tower.batch_size": 4,
-    "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
+    "pretrain.max_steps": 2, "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
     "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8,
 }
-for _stage in ("sft", "reward", "dpo", "ppo"):
+for _stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
     TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
                  f"{_stage}.per_device_eval_batch_size": 8, f"{_stage}.data.length_buckets": 80})
     TINY.setdefault(f"{_stage}.eval_steps", TINY[f"{_stage}.max_steps"])
@@ -44,13 +44,14 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     r = run_jaxpref("demo", "--quick", "--out", str(out), *_set_args(SETS))
     first = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-4000:]
-    assert f"[3/8] sft: 3 steps from {out}/runs/tower" in r.stdout and "[6/8] ppo: 2 iterations" in r.stdout
+    assert f"[3/9] pretrain: 2 steps from {out}/runs/tower on {out}/data/short" in r.stdout
+    assert f"[4/9] sft: 3 steps from {out}/runs/pretrain" in r.stdout and "[7/9] ppo: 2 iterations" in r.stdout
     assert f"report: {out}/report.md" in r.stdout
 
     s = json.loads((out / "summary.json").read_text())
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
-    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "sft", "reward", "dpo", "ppo", "eval",
-                                                               "report"]
+    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "reward", "dpo", "ppo",
+                                                               "eval", "report"]
     assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy"]
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
@@ -128,7 +129,7 @@ def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, ca
     # the trainers' YAML files are part of what must match
     configs = tmp_path / "configs"
     configs.mkdir()
-    for kind in ("sft", "reward", "dpo", "ppo"):
+    for kind in ("pretrain", "sft", "reward", "dpo", "ppo"):
         text = open(os.path.join(default_configs_dir(), f"{kind}.yaml")).read()
         (configs / f"{kind}.yaml").write_text(text + ("learning_rate: 0.5\n" if kind == "dpo" else ""))
     with pytest.raises(DemoError, match=r"stage\(s\) dpo differs"):
@@ -158,6 +159,11 @@ def test_plan_settings_and_trainer_configs():
         "DIR/runs/ppo", "DIR/data/prompt", "DIR/runs/sft", "DIR/runs/reward")
     assert ppo.max_steps == PLANS["full"]["ppo"]["max_steps"] and ppo.kl_coef == 0.1
     assert ppo.resume_from_checkpoint is True and ppo.response_length == 48  # the rest is configs/shapes/ppo.yaml
-    sft = trainer_config("sft", demo, "sft", start="tower")
-    assert sft.model.name_or_path == "DIR/runs/tower" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
+    sft = trainer_config("sft", demo, "sft", start="pretrain")
+    assert sft.model.name_or_path == "DIR/runs/pretrain" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
     assert sft.model.freeze_vision  # configs/shapes/sft.yaml: the pretrained tower stays as it is
+    pre = trainer_config("sft", demo, "short", start="tower", name="pretrain")  # configs/shapes/pretrain.yaml
+    assert (pre.output_dir, pre.data.dataset_name, pre.max_steps, pre.per_device_train_batch_size) == (
+        "DIR/runs/pretrain", "DIR/data/short", PLANS["full"]["pretrain"]["max_steps"], 32)
+    assert pre.model.freeze_vision and [s.name for s in STAGES if s.config is not None] == [
+        "pretrain", "sft", "reward", "dpo", "ppo"]

@@ -266,9 +266,20 @@ def test_short_questions_are_answered_from_the_scene_and_leave_the_other_rows_al
     assert abs(np.mean(short) - fraction) <= 3.5 * math.sqrt(fraction * (1 - fraction) / n)
     assert [r["scene"] for r in mixed] == [r["scene"] for r in plain]  # the same scenes, row for row
     assert all(a == b for a, b, s in zip(mixed, plain, short) if not s)  # task rows untouched
+    assert _short_question_kinds([r for r, s in zip(mixed, short) if s]) == SHORT_KINDS_SEEN
+    with pytest.raises(ValueError, match="short_fraction"):
+        next(generate_split("preference", 1, 0, short_fraction=0.5))
+
+
+SHORT_KINDS_SEEN = {"what color", "which shape", "is the", "what", "where", "how"}  # SHORT_TEMPLATES' openings
+
+
+def _short_question_kinds(rows) -> set[str]:
+    """Checks each short-question row's answer against its scene; returns the question openings seen."""
     seen = set()
-    for r in (r for r, s in zip(mixed, short) if s):
+    for r in rows:
         scene, prompt, answer = Scene.from_json(r["scene"]), r["prompt"], r["completion"]
+        assert prompt.startswith(SHORT_LEAD), r
         question = prompt[len(SHORT_LEAD):]
         words = question.rstrip("?").split()
         at = [POSITION_WORDS[w] for w in words if w in POSITION_WORDS]
@@ -287,9 +298,18 @@ def test_short_questions_are_answered_from_the_scene_and_leave_the_other_rows_al
             assert judge(scene, question, answer) == 1.0, r
             assert judge(scene, question, "It is gray.") == 0.0  # an invented color answers nothing
             seen.add(words[0])
-    assert seen == {"what color", "which shape", "is the", "what", "where", "how"}
-    with pytest.raises(ValueError, match="short_fraction"):
-        next(generate_split("preference", 1, 0, short_fraction=0.5))
+    return seen
+
+
+def test_the_short_kind_is_all_short_questions_on_scenes_of_its_own():
+    rows = list(generate_split("short", 300, seed=7, image_size=16))
+    assert _short_question_kinds(rows) == SHORT_KINDS_SEEN
+    assert rows == list(generate_split("short", 300, seed=7, image_size=16))  # deterministic
+    sft_scenes = [r["scene"] for r in generate_split("sft", 300, seed=7, image_size=16)]
+    assert sum(a == b for a, b in zip(sft_scenes, (r["scene"] for r in rows))) < 10  # its own random stream
+    held_out = list(generate_split("short", 50, seed=7, image_size=16, split="eval"))
+    assert all(scene_split(Scene.from_json(r["scene"])) == "eval" for r in held_out)
+    assert set(rows[0]) == {"images", "prompt", "completion", "scene"}
 
 
 # ---------------------------------------------------------------------------

@@ -239,7 +239,8 @@ def test_shapes_cli_writes_trl_datasets_and_a_card(tmp_path, fmt):
     assert main(["data", "shapes", "--out", str(out), "--num-train", "12", "--num-eval", "3", "--num-shards", "4",
                  "--format", fmt, "--label-noise", "0.2", "--sft-short-fraction", "0.5", "--seed", "5"]) == 0
     columns = {"preference": {"images", "prompt", "chosen", "rejected", "scene"},
-               "prompt": {"images", "prompt", "scene"}, "sft": {"images", "prompt", "completion", "scene"}}
+               "prompt": {"images", "prompt", "scene"}, "sft": {"images", "prompt", "completion", "scene"},
+               "short": {"images", "prompt", "completion", "scene"}}
     for kind, cols in columns.items():
         for split, n, shards in (("train", 12, 4), ("eval", 3, 3)):  # at most one shard per row
             src = open_source(str(out / kind), split=split)
@@ -254,6 +255,7 @@ def test_shapes_cli_writes_trl_datasets_and_a_card(tmp_path, fmt):
     assert "--label-noise 0.2 --sft-short-fraction 0.5 --seed 5" in card
     assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--sft-short-fraction", "1.5"]) == 2
     assert not (tmp_path / "bad").exists() and "| `preference/` |" in card and "| 12 | 3 |" in card
+    assert "| `short/` |" in card
     if fmt == "parquet":  # the card's YAML configs make the directory loadable by name
         import datasets
 

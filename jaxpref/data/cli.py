@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-KINDS = ("preference", "prompt", "sft")
+KINDS = ("preference", "prompt", "sft", "short")
 SHORT_FRACTION = 0.3  # of the sft train rows: short_question rows (see jaxpref.data.shapes)
 
 
@@ -24,8 +24,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("data", help="write the built-in shapes datasets; inspect a dataset")
     sub = p.add_subparsers(dest="data_command", required=True)
 
-    s = sub.add_parser("shapes", help="write the shapes task's preference, prompt and sft datasets (TRL schema)")
-    s.add_argument("--out", required=True, help="output directory; gets {preference,prompt,sft}/ and README.md")
+    s = sub.add_parser("shapes", help="write the shapes task's preference, prompt, sft and short datasets (TRL schema)")
+    s.add_argument("--out", required=True, help="output directory; gets {preference,prompt,sft,short}/ and README.md")
     s.add_argument("--num-train", type=int, default=5000, help="train rows per dataset (default: 5000)")
     s.add_argument("--num-eval", type=int, default=500, help="eval rows per dataset (default: 500)")
     s.add_argument("--num-shards", type=int, default=4, help="shards per split, at most one per row (default: 4)")
@@ -145,7 +145,8 @@ def shapes_card(args, cards: dict) -> str:
         "|---|---|" + "---|" * len(split_names) + "---|",
     ]
     trl_type = {"preference": "preference (prompt, chosen, rejected)", "prompt": "prompt-only (PPO/GRPO)",
-                "sft": "prompt-completion (SFT)"}
+                "sft": "prompt-completion (SFT)",
+                "short": "prompt-completion (short questions: decoder pretraining)"}
     for kind, card in cards.items():
         features = datasets.Features.from_dict(card["features"])
         cols = ", ".join(f"`{k}` {_short_type(v)}" for k, v in features.items())

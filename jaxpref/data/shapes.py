@@ -39,7 +39,7 @@ BACKGROUND = (255, 255, 255)
 TIERS = ("good", "robotic", "partial", "hallucinated")  # best first
 QUESTIONS = ("describe", "color", "count", "locate")
 SPLITS = ("train", "eval")
-GENERATED_KINDS = ("preference", "prompt", "sft")
+GENERATED_KINDS = ("preference", "prompt", "sft", "short")
 EVAL_BUCKETS = 10  # a scene's content hashes into one of these; bucket 0 is the eval split's
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -746,6 +746,8 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
     kind "prompt": images, prompt, scene (for PPO/GRPO).
     kind "sft": images, prompt, completion, scene; the completion's tier is uniform over TIERS. With
       short_fraction > 0, that fraction of the rows (in expectation) is a short_question instead.
+    kind "short": images, prompt, completion, scene; every row a short_question (the data of the
+      demo's decoder pretraining stage, configs/shapes/pretrain.yaml).
     Train and eval scenes never share content (scene_split). `images` is [{"bytes": PNG, "path": None}].
     """
     if kind not in GENERATED_KINDS:
@@ -764,6 +766,11 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
     short_rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind), 1])
     for _ in range(num):
         scene = sample_scene(rng, split)
+        if kind == "short":
+            question, answer = short_question(scene, rng)
+            yield {"images": _image_column(scene, image_size), "prompt": question, "completion": answer,
+                   "scene": scene.to_json()}
+            continue
         prompt = sample_prompt(scene, rng)
         row = {"images": _image_column(scene, image_size), "prompt": prompt.text}
         if kind == "sft":  # drawn for every row, so that the main stream and the other rows stay the same
