@@ -19,10 +19,11 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT -> DIR/eval/{reward_model,dpo,ppo}/
   report   DIR/report.md, DIR/img/*.png, DIR/examples.html
 
-A trainer stage's config is its YAML file (configs/shapes/<stage>.yaml) read by jaxpref.config.load_config (what `jaxpref sft
---config F key=value` does) with the demo's paths and the plan's entries for that stage as
-key=value overrides. PLANS holds the two plans' step and row counts; `--set STAGE.KEY=VALUE`
-changes one entry (a trainer stage takes any config key, e.g. `--set sft.model.name_or_path=tiny`).
+A trainer stage's config is its YAML file (configs/shapes/<stage>.yaml) read by
+jaxpref.config.load_config (what `jaxpref sft --config F key=value` does) with the demo's paths and
+the plan's entries for that stage as key=value overrides. PLANS holds the two plans' step and row
+counts; `--set STAGE.KEY=VALUE` changes one entry (a trainer stage takes any config key, e.g.
+`--set sft.model.name_or_path=tiny`).
 
 DIR/summary.json is rewritten after every stage: the plan, a fingerprint of every trainer config,
 `stages` (a stage is listed, with its wall time, only once it has finished) and the key results.
@@ -626,8 +627,8 @@ def write_report(out: str) -> str:
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
 
     lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
-    what = {"data": " / ".join(str(plan["data"][f"{k}_rows"]) for k in DATA_KINDS) + f" train rows ({' / '.join(DATA_KINDS)}), "
-                    f"{plan['data']['eval_rows']} eval rows each",
+    rows = " / ".join(str(plan["data"][f"{k}_rows"]) for k in DATA_KINDS)
+    what = {"data": f"{rows} train rows ({' / '.join(DATA_KINDS)}), {plan['data']['eval_rows']} eval rows each",
             "tower": f"{plan['tower']['steps']} steps x {plan['tower']['batch_size']} scenes, vision tower of "
                      f"`{plan['tower']['preset']}` -> `runs/tower`",
             "pretrain": f"{steps['pretrain']} steps of short questions from `runs/tower` -> `runs/pretrain`",

@@ -18,7 +18,8 @@ from test_train import run_jaxpref
 # The quick plan shrunk to seconds: the tiny preset, 32x32 images, a handful of rows and steps, one
 # length bucket per trainer (one compile per step function).
 TINY = {
-    "data.short_rows": 16, "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
+    "data.short_rows": 16,
+    "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
     "tower.preset": "tiny", "tower.steps": 3, "tower.batch_size": 4,
     "pretrain.max_steps": 2, "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
@@ -50,8 +51,8 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
 
     s = json.loads((out / "summary.json").read_text())
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
-    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "reward", "dpo", "ppo",
-                                                               "eval", "report"]
+    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "reward", "dpo",
+                                                               "ppo", "eval", "report"]
     assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy"]
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
