@@ -151,6 +151,7 @@ def _override_text(value) -> str:
 def trainer(kind: str, data: str, start: str | None = None, reward_model: str | None = None,
             name: str | None = None) -> Stage:
     """A stage `name` (default: `kind`) running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...)."""
+    name = name or kind
     config = lambda demo: trainer_config(kind, demo, data, start, reward_model, name)
 
     def run(demo: Demo):
@@ -167,7 +168,7 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
         return (f"{cfg.max_steps} {unit} from {cfg.model.name_or_path}{extra} on {cfg.data.dataset_name} "
                 f"-> {cfg.output_dir}{resumed}")
 
-    return Stage(name or kind, run, describe, config)
+    return Stage(name, run, describe, config)
 
 
 def _has_checkpoints(output_dir: str) -> bool:
@@ -622,7 +623,7 @@ def write_report(out: str) -> str:
     write_examples_html(rows, os.path.join(out, "examples.html"))
     ppo_evals = [r for r in read_metrics(os.path.join(out, "runs", "ppo")) if "eval_judge_score" in r]
 
-    steps = {k: plan[k]["max_steps"] for k in ("pretrain", "sft", "reward", "dpo", "ppo")}
+    steps = {s.name: plan[s.name]["max_steps"] for s in STAGES if s.config is not None}
     model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the pretrain stage
     n = summary["ppo"]["num_prompts"]
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]

@@ -768,11 +768,10 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
         scene = sample_scene(rng, split)
         if kind == "short":
             question, answer = short_question(scene, rng)
-            yield {"images": _image_column(scene, image_size), "prompt": question, "completion": answer,
-                   "scene": scene.to_json()}
-            continue
-        prompt = sample_prompt(scene, rng)
-        row = {"images": _image_column(scene, image_size), "prompt": prompt.text}
+            row = {"images": _image_column(scene, image_size), "prompt": question, "completion": answer}
+        else:
+            prompt = sample_prompt(scene, rng)
+            row = {"images": _image_column(scene, image_size), "prompt": prompt.text}
         if kind == "sft":  # drawn for every row, so that the main stream and the other rows stay the same
             row["completion"] = responses(scene, prompt, rng)[TIERS[int(rng.integers(len(TIERS)))]]
             if short_fraction and short_rng.random() < short_fraction:
