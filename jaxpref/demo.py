@@ -84,6 +84,9 @@ METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
 NUM_EXAMPLES = 8  # held-out prompts in the example grid
 
 
+STAGE_SECONDS = "_stage_seconds"  # a stage's result may name its own time (the tower's, when reused)
+
+
 class DemoError(RuntimeError):
     """A demo that cannot start or continue (bad --set, a DIR made with another plan ...)."""
 
@@ -205,11 +208,15 @@ def stage_tower(demo: Demo) -> dict:
     if os.path.exists(os.path.join(out, "tower.json")):  # written, but the run stopped before summary.json
         with open(os.path.join(out, "tower.json")) as f:
             result = json.load(f)
+        made = {k: result.get("args", {}).get(k) for k in p}
+        if made != p:
+            raise DemoError(f"{out} holds a tower made with {made}, not this plan's {p}: remove it or pick another DIR")
     else:
         result = pretrain_tower(TowerArgs(output_dir=out, preset=p["preset"], steps=p["steps"],
                                           batch_size=p["batch_size"], learning_rate=p["learning_rate"], seed=p["seed"]))
     print(f"  {format_result(result)}", flush=True)
-    return {"tower": {k: result[k] for k in ("scene_accuracy", "patch_accuracy") if k in result}}
+    return {"tower": {k: result[k] for k in ("scene_accuracy", "patch_accuracy") if k in result},
+            STAGE_SECONDS: result["seconds"]}  # the training's time, also when an earlier run made the tower
 
 
 def _describe_tower(demo: Demo) -> str:
@@ -429,9 +436,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
             continue
         print(f"{head}: {stage.describe(demo)}", flush=True)
         t0 = time.perf_counter()
-        result = stage.run(demo)
-        summary.update(result or {})
-        summary["stages"][stage.name] = {"seconds": round(time.perf_counter() - t0, 2)}
+        result = dict(stage.run(demo) or {})
+        seconds = result.pop(STAGE_SECONDS, time.perf_counter() - t0)
+        summary.update(result)
+        summary["stages"][stage.name] = {"seconds": round(seconds, 2)}
         write_summary(out, summary)
     print(format_summary(summary, out), flush=True)
     return summary

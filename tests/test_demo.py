@@ -168,3 +168,22 @@ def test_plan_settings_and_trainer_configs():
         "DIR/runs/pretrain", "DIR/data/short", PLANS["full"]["pretrain"]["max_steps"], 32)
     assert pre.model.freeze_vision and [s.name for s in STAGES if s.config is not None] == [
         "pretrain", "sft", "reward", "dpo", "ppo"]
+
+
+def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_plan_made_it(tmp_path):
+    """The tower stage writes runs/tower whole before summary.json records it: a run stopped between the
+    two reuses that tower (and reports the minutes its training took), unless another plan made it."""
+    from jaxpref.demo import STAGE_SECONDS, stage_tower
+
+    demo = Demo(out=str(tmp_path), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
+    first = stage_tower(demo)
+    made = json.loads((tmp_path / "runs" / "tower" / "tower.json").read_text())
+    assert first[STAGE_SECONDS] == made["seconds"] > 0 and first["tower"] == {"scene_accuracy": made["scene_accuracy"]}
+    weights = tmp_path / "runs" / "tower" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert stage_tower(demo) == first and weights.stat().st_mtime_ns == stamp  # reused, not trained again
+
+    other = Demo(out=str(tmp_path), plan=make_plan(True, SETS + ["tower.steps=4"]), quick=True,
+                 configs=default_configs_dir())
+    with pytest.raises(DemoError, match="'steps': 3.*'steps': 4"):
+        stage_tower(other)
