@@ -259,8 +259,6 @@ def stage_eval(demo: Demo) -> dict:
 
 def _win_se(samples: list[dict], score: str) -> float:
     """One standard error of a win-rate (ties 1/2) over prompts."""
-    import numpy as np
-
     from jaxpref.eval import win
 
     w = np.array([win(s[f"policy_{score}"], s[f"reference_{score}"]) for s in samples])
@@ -522,6 +520,62 @@ def examples(out: str, samples: dict[str, list[dict]], num: int = NUM_EXAMPLES) 
     return rows
 
 
+JUDGE_BINS = ("0", "(0, 0.5)", "[0.5, 1)", "1")  # the judge's scores: wrong, mostly wrong, mostly right, right
+
+
+def judge_bins(scores) -> list[float]:
+    """Fractions of `scores` (judge scores in [0, 1]) in each of JUDGE_BINS."""
+    x = np.asarray(scores, np.float64)
+    if not x.size:
+        return [0.0] * len(JUDGE_BINS)
+    return [float(np.mean(m)) for m in (x == 0, (x > 0) & (x < 0.5), (x >= 0.5) & (x < 1), x == 1)]
+
+
+def judge_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
+    """The judge's scores before (SFT: the reference's responses, the same in every comparison) and after
+    (each of METHODS), overall and per question type of the task: {"all" | question: {"prompts": n,
+    "sft": scores, method: scores, f"{method}_win": win-rate vs SFT (ties 1/2), f"{method}_ties": ...}}."""
+    from jaxpref.data.shapes import QUESTIONS, Scene, parse_prompt
+
+    ref = samples[METHODS[0]]
+    kinds = [parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question for s in ref]
+    table = {}
+    for q in ("all",) + QUESTIONS:
+        idx = [i for i, k in enumerate(kinds) if q in ("all", k)]
+        if not idx:
+            continue
+        row = {"prompts": len(idx), "sft": [ref[i]["reference_judge"] for i in idx]}
+        for m in METHODS:
+            pol = np.array([samples[m][i]["policy_judge"] for i in idx])
+            sft = np.array([samples[m][i]["reference_judge"] for i in idx])
+            row[m] = pol.tolist()
+            row[f"{m}_win"] = float(np.mean((pol > sft) + 0.5 * (pol == sft)))
+            row[f"{m}_ties"] = float(np.mean(pol == sft))
+        table[q] = row
+    return table
+
+
+def plot_judge_scores(table: dict, path: str) -> str:
+    """Bars: the fraction of held-out prompts in each judge-score bin for SFT and each tuned policy."""
+    from jaxpref.plots import pyplot, save
+
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
+    names = ["sft"] + list(METHODS)
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(JUDGE_BINS))]
+        bars = ax.bar(xs, judge_bins(table["all"][name]), width, label=name.upper(), color=f"C{j + 2}")
+        for b in bars:
+            ax.annotate(f"{b.get_height():.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(JUDGE_BINS)), [f"score {b}" for b in JUDGE_BINS])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"fraction of the {table['all']['prompts']} prompts")
+    ax.set_title("gold-judge scores of one sampled response per prompt")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
 def plot_win_rates(summary: dict, path: str) -> str:
     """Bars: DPO's and PPO's win-rates against SFT by the gold judge and by the reward model (ties 1/2),
     with one standard error and the 0.5 line."""
@@ -613,7 +667,7 @@ it above SFT's response; red: below.</p>
 
 
 def write_report(out: str) -> str:
-    """DIR/report.md, DIR/img/{reward_model,ppo,win_rates,examples}.png and DIR/examples.html, from the
+    """DIR/report.md, DIR/img/{reward_model,ppo,win_rates,judge_scores,examples}.png and DIR/examples.html, from the
     files the earlier stages wrote (summary.json, runs/*/metrics.jsonl, eval/*/samples.jsonl)."""
     from jaxpref.plots import plot_ppo, plot_reward_model
     from jaxpref.train.logging import read_metrics
@@ -626,6 +680,8 @@ def write_report(out: str) -> str:
     plot_ppo(os.path.join(out, "runs", "ppo"), os.path.join(img, "ppo.png"))
     plot_win_rates(summary, os.path.join(img, "win_rates.png"))
     samples = {m: _samples(out, m) for m in METHODS}
+    judges = judge_table(samples)
+    plot_judge_scores(judges, os.path.join(img, "judge_scores.png"))
     rows = examples(out, samples)
     plot_examples(rows, os.path.join(img, "examples.png"))
     write_examples_html(rows, os.path.join(out, "examples.html"))
@@ -675,7 +731,25 @@ def write_report(out: str) -> str:
         rmw = f"{_f(m['rm_win_rate'])} ± {_f(m.get('rm_win_rate_se'), '.3f')}" if "rm_win_rate" in m else "-"
         lines.append(f"| {name} | {win} | {rmw} | {_f(m['judge_score'])} | {_f(m.get('reward'))} | "
                      f"{_f(m.get('kl'), '.3f')} | {_f(m.get('length'), '.1f')} |")
-    lines += ["", "![win-rates](img/win_rates.png)", "", "PPO per iteration (held-out evaluations every "
+    lines += ["", "![win-rates](img/win_rates.png)", ""]
+    lines += ["### The judge's scores before and after", "",
+              "The fraction of prompts whose response the gold judge scores 0 (wrong or invented facts), "
+              "above 0 but below 0.5, from 0.5 up to 1, and 1 (right and concise); then, per question type, the "
+              "mean score and the win-rate against SFT (in brackets: the fraction of ties).", "",
+              "| model | mean | " + " | ".join(f"score {b}" for b in JUDGE_BINS) + " |",
+              "|---" * (2 + len(JUDGE_BINS)) + "|"]
+    for name in ["sft"] + list(METHODS):
+        scores = judges["all"][name]
+        lines.append(f"| {name.upper()} | {_f(float(np.mean(scores)))} | "
+                     + " | ".join(_f(x, ".2f") for x in judge_bins(scores)) + " |")
+    lines += ["", "| question | prompts | SFT | " + " | ".join(f"{m.upper()}: score, win-rate (ties)" for m in METHODS)
+              + " |", "|---" * (3 + len(METHODS)) + "|"]
+    for q, row in judges.items():
+        cells = [f"{_f(float(np.mean(row[m])))}, {_f(row[f'{m}_win'])} ({_f(row[f'{m}_ties'], '.2f')})"
+                 for m in METHODS]
+        lines.append(f"| {q} | {row['prompts']} | {_f(float(np.mean(row['sft'])))} | " + " | ".join(cells) + " |")
+    lines += ["", "![judge scores](img/judge_scores.png)", ""]
+    lines += ["PPO per iteration (held-out evaluations every "
               f"{plan['ppo'].get('eval_steps', '?')} iterations):", "", "![PPO](img/ppo.png)", ""]
 
     lines += ["## Reward hacking", "",

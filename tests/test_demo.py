@@ -8,11 +8,12 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, make_plan, run_demo,
-                          trainer_config, write_summary)
+from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, judge_bins,
+                          judge_table, make_plan, run_demo, trainer_config, write_summary)
 from test_train import run_jaxpref
 
 # The quick plan shrunk to seconds: the tiny preset, 32x32 images, a handful of rows and steps, one
@@ -72,7 +73,18 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     for x in numbers:
         assert f"{x:.3f}" in report, x
     assert f"{image['nll_real']:.4f} with their own images and {image['nll_shuffled']:.4f}" in report
-    for name in ("reward_model", "ppo", "win_rates", "examples"):
+    # the judge's scores before and after: the eval stage's win-rates again, counted per question type
+    judges = judge_table({m: [json.loads(line) for line in open(out / "eval" / m / "samples.jsonl")]
+                          for m in ("dpo", "ppo")})
+    assert sum(row["prompts"] for q, row in judges.items() if q != "all") == judges["all"]["prompts"] == 8
+    for m in ("dpo", "ppo"):
+        assert judges["all"][f"{m}_win"] == pytest.approx(s[m]["win_rate"])
+        assert np.mean(judges["all"][m]) == pytest.approx(s[m]["judge_score"])
+    assert np.mean(judges["all"]["sft"]) == pytest.approx(s["sft"]["judge_score"])
+    assert "### The judge's scores before and after" in report
+    for q, row in judges.items():
+        assert f"| {q} | {row['prompts']} | {np.mean(row['sft']):.3f} |" in report
+    for name in ("reward_model", "ppo", "win_rates", "judge_scores", "examples"):
         assert f"img/{name}.png" in report
         with Image.open(out / "img" / f"{name}.png") as im:
             assert im.width > 200 and im.height > 200
@@ -187,3 +199,10 @@ def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_p
                  configs=default_configs_dir())
     with pytest.raises(DemoError, match="'steps': 3.*'steps': 4"):
         stage_tower(other)
+
+
+def test_judge_bins_split_the_scores_at_0_one_half_and_1():
+    scores = [0.0, 0.0, 0.2, 0.49, 0.5, 0.99, 1.0, 0.0]
+    assert judge_bins(scores) == pytest.approx([3 / 8, 2 / 8, 2 / 8, 1 / 8])
+    assert sum(judge_bins(np.random.default_rng(0).uniform(0, 1, 100).round(1))) == pytest.approx(1.0)
+    assert judge_bins([]) == [0.0] * 4
