@@ -1,6 +1,6 @@
 """`jaxpref demo`: the whole pipeline on the built-in shapes task, stage by stage, ending in a report.
 
-    jaxpref demo                                   # the full plan (~52 min on a 2-core CPU) -> runs/demo
+    jaxpref demo                                   # the full plan (~114 min on a 2-core CPU) -> runs/demo
     jaxpref demo --quick --out runs/demo-quick     # the quick plan (~9 min)
     jaxpref demo --quick --set sft.max_steps=50 --set eval.num=32     # change the plan: STAGE.KEY=VALUE
 
@@ -50,16 +50,18 @@ import textwrap
 import time
 from typing import Any, Callable
 
-# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~52 min (its stages alone), quick ~9 min
-# (7.2 min measured before the pretrain stage).
+import numpy as np
+
+# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full 114 min (tower 16, pretrain 64), quick
+# ~9 min (7.2 min measured before the pretrain stage).
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
-        "data": {"short_rows": 12800, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
+        "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
                  "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
-        "tower": {"preset": "small", "steps": 800, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
-        "pretrain": {"max_steps": 400, "eval_steps": 200, "save_steps": 100},
+        "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
+        "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
@@ -847,7 +849,7 @@ def add_demo_parser(subparsers):
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the quick plan (~9 min on a 2-core CPU) instead of the full one (~52 min)")
+                   help="the quick plan (~9 min on a 2-core CPU) instead of the full one (~114 min)")
     p.add_argument("--out", default="runs/demo",
                    help="output directory; re-running with it resumes (default: runs/demo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
