@@ -540,6 +540,9 @@ def judge_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
     from jaxpref.data.shapes import QUESTIONS, Scene, parse_prompt
 
     ref = samples[METHODS[0]]
+    for m in METHODS:  # row i of every comparison must be the same held-out prompt
+        if [s["index"] for s in samples[m]] != [s["index"] for s in ref]:
+            raise ValueError(f"the {m} and {METHODS[0]} eval samples hold different prompts: re-run the eval stage")
     kinds = [parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question for s in ref]
     table = {}
     for q in ("all",) + QUESTIONS:

@@ -206,3 +206,13 @@ def test_judge_bins_split_the_scores_at_0_one_half_and_1():
     assert judge_bins(scores) == pytest.approx([3 / 8, 2 / 8, 2 / 8, 1 / 8])
     assert sum(judge_bins(np.random.default_rng(0).uniform(0, 1, 100).round(1))) == pytest.approx(1.0)
     assert judge_bins([]) == [0.0] * 4
+
+
+def test_judge_table_refuses_comparisons_of_different_prompts():
+    scene = ('{"shapes": [{"color": "red", "dx": 0.0, "dy": 0.0, "kind": "circle", "position": "left", '
+             '"size": "small"}]}')
+    row = {"prompt": "What color is the circle?", "scene": scene, "policy_judge": 1.0, "reference_judge": 0.0}
+    table = judge_table({"dpo": [dict(row, index=0)], "ppo": [dict(row, index=0, reference_judge=1.0)]})
+    assert table["color"]["prompts"] == 1 and table["all"]["dpo_win"] == 1.0 and table["all"]["ppo_ties"] == 1.0
+    with pytest.raises(ValueError, match="different prompts"):
+        judge_table({"dpo": [dict(row, index=0)], "ppo": [dict(row, index=1)]})
