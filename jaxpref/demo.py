@@ -538,6 +538,7 @@ def judge_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
     (each of METHODS), overall and per question type of the task: {"all" | question: {"prompts": n,
     "sft": scores, method: scores, f"{method}_win": win-rate vs SFT (ties 1/2), f"{method}_ties": ...}}."""
     from jaxpref.data.shapes import QUESTIONS, Scene, parse_prompt
+    from jaxpref.eval import win
 
     ref = samples[METHODS[0]]
     for m in METHODS:  # row i of every comparison must be the same held-out prompt
@@ -551,11 +552,10 @@ def judge_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
             continue
         row = {"prompts": len(idx), "sft": [ref[i]["reference_judge"] for i in idx]}
         for m in METHODS:
-            pol = np.array([samples[m][i]["policy_judge"] for i in idx])
-            sft = np.array([samples[m][i]["reference_judge"] for i in idx])
-            row[m] = pol.tolist()
-            row[f"{m}_win"] = float(np.mean((pol > sft) + 0.5 * (pol == sft)))
-            row[f"{m}_ties"] = float(np.mean(pol == sft))
+            pairs = [(samples[m][i]["policy_judge"], samples[m][i]["reference_judge"]) for i in idx]
+            row[m] = [p for p, _ in pairs]
+            row[f"{m}_win"] = float(np.mean([win(p, r) for p, r in pairs]))
+            row[f"{m}_ties"] = float(np.mean([p == r for p, r in pairs]))
         table[q] = row
     return table
 
