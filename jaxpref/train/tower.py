@@ -2,7 +2,7 @@
 SigLIP tower a real PaliGemma comes with.
 
     jaxpref tower --out runs/tower [--preset small] [--steps 2400] [--batch-size 64] [--learning-rate 2e-3]
-    jaxpref sft --config configs/shapes/sft.yaml model.name_or_path=runs/tower model.freeze_vision=true
+    jaxpref sft --config configs/shapes/pretrain.yaml model.name_or_path=runs/tower   # then sft.yaml from its output
 
 A linear head, dropped afterwards, trains the tower on scenes drawn fresh each step from the task's
 train split:
