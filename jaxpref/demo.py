@@ -60,7 +60,8 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
                  "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
-        "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
+        "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
+                  "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
@@ -71,7 +72,8 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
                  "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
-        "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "seed": 0},
+        "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
+                  "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
@@ -215,9 +217,10 @@ def stage_tower(demo: Demo) -> dict:
             raise DemoError(f"{out} holds a tower made with {made}, not this plan's {p}: remove it or pick another DIR")
     else:
         result = pretrain_tower(TowerArgs(output_dir=out, preset=p["preset"], steps=p["steps"],
-                                          batch_size=p["batch_size"], learning_rate=p["learning_rate"], seed=p["seed"]))
+                                          batch_size=p["batch_size"], learning_rate=p["learning_rate"],
+                                          lookup_weight=p["lookup_weight"], seed=p["seed"]))
     print(f"  {format_result(result)}", flush=True)
-    return {"tower": {k: result[k] for k in ("scene_accuracy", "patch_accuracy") if k in result},
+    return {"tower": {k: result[k] for k in ("scene_accuracy", "lookup_accuracy", "patch_accuracy") if k in result},
             STAGE_SECONDS: result["seconds"]}  # the training's time, also when an earlier run made the tower
 
 
@@ -811,9 +814,11 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
     n = summary["ppo"]["num_prompts"]
     if model is None:
         acc = summary.get("tower", {}).get("scene_accuracy", {})
+        look = summary.get("tower", {}).get("lookup_accuracy")
+        look = f"; of each shape's column from its kind and color: {_f(look['present'])}" if look else ""
         start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes "
                  f"(held-out accuracy of the shape in each column: kind {_f(acc.get('kind'))}, color "
-                 f"{_f(acc.get('color'))}, size {_f(acc.get('size'))}) and frozen from then on, and a decoder "
+                 f"{_f(acc.get('color'))}, size {_f(acc.get('size'))}{look}) and frozen from then on, and a decoder "
                  f"pretrained on short questions about the scenes ({steps['pretrain']} steps),")
     else:
         start = f"the `{model}` preset from random initialisation" if not os.path.isdir(model) else f"`{model}`"

@@ -54,7 +54,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
     assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "reward", "dpo",
                                                                "ppo", "eval", "report"]
-    assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy"]
+    assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy", "lookup_accuracy"]
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
     assert 0 <= rm["accuracy"] <= 1 and 0 <= rm["gold_accuracy"] <= 1 and 0 < rm["label_agreement"] <= 1
@@ -190,7 +190,7 @@ def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_p
     demo = Demo(out=str(tmp_path), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
     first = stage_tower(demo)
     made = json.loads((tmp_path / "runs" / "tower" / "tower.json").read_text())
-    assert first[STAGE_SECONDS] == made["seconds"] > 0 and first["tower"] == {"scene_accuracy": made["scene_accuracy"]}
+    assert first[STAGE_SECONDS] == made["seconds"] > 0 and first["tower"] == {k: made[k] for k in ("scene_accuracy", "lookup_accuracy")}
     weights = tmp_path / "runs" / "tower" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert stage_tower(demo) == first and weights.stat().st_mtime_ns == stamp  # reused, not trained again

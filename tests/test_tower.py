@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxpref.data import shapes
-from jaxpref.train.tower import ATTRIBUTES, TowerArgs, patch_labels, pretrain_tower
+from jaxpref.train.tower import ATTRIBUTES, LOOKUP_PAIRS, TowerArgs, lookup_labels, patch_labels, pretrain_tower
 
 
 def test_patch_labels_name_the_shape_drawn_in_each_patch():
@@ -41,6 +41,17 @@ def test_patch_labels_name_the_shape_drawn_in_each_patch():
         assert 0.2 < empty < 1  # the background is labelled "none"
 
 
+def test_lookup_labels_give_each_kind_and_color_its_column():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = shapes.sample_scene(rng)
+        labels = lookup_labels(scene)
+        assert labels.shape == (len(shapes.KINDS) * len(shapes.COLORS),) and (labels > 0).sum() == len(scene.shapes)
+        for (kind, color), label in zip(LOOKUP_PAIRS, labels):
+            there = [s.position for s in scene.shapes if (s.kind, s.color) == (kind, color)]
+            assert ATTRIBUTES["column"][label] == (there[0] if there else "none"), scene
+
+
 def test_pretraining_learns_the_scenes_and_writes_a_vlm(tmp_path):
     from jaxpref.models import VLM, get_preset, load_pretrained
     from jaxpref.models.vlm import dummy_inputs
@@ -53,6 +64,10 @@ def test_pretraining_learns_the_scenes_and_writes_a_vlm(tmp_path):
     # chance over the columns holding a shape: 1/4 kind, 1/6 color, 1/2 size (the head may also say "none");
     # the mean of 16 tiny tokens learns slowly (0.66 color, 0.78 size here), kinds slower still
     assert result["scene_accuracy"]["color"] > 0.45 and result["scene_accuracy"]["size"] > 0.6, result
+    # the lookup head (on by default), each (kind, color)'s column: 0.67 for the shapes in the scene here (a head
+    # that knew only that the pair is present would get 1/3), 0.39 for the pairs absent from it (present pairs
+    # weigh 23x in the loss, so it leans to "present" early on)
+    assert result["lookup_accuracy"]["present"] > 0.5 and result["lookup_accuracy"]["absent"] > 0.25, result
     assert json.loads((out / "tower.json").read_text()) == result
     model, params = load_pretrained(str(out))
     assert model.config == get_preset("tiny") and (out / "tokenizer.json").exists()
@@ -83,6 +98,7 @@ def test_tower_cli_rejects_bad_arguments(capsys):
     assert main(["tower", "--out", "unused", "--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
     assert main(["tower", "--out", "unused", "--patch-weight", "-1"]) == 2
+    assert main(["tower", "--out", "unused", "--lookup-weight", "-1"]) == 2
     assert "patch_weight must be >= 0" in capsys.readouterr().err
     assert main(["tower", "--out", "unused", "--preset", "llava-1.5-7b"]) == 2
     assert "needs a PaliGemma (SigLIP) preset" in capsys.readouterr().err

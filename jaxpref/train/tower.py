@@ -4,11 +4,15 @@ SigLIP tower a real PaliGemma comes with.
     jaxpref tower --out runs/tower [--preset small] [--steps 2400] [--batch-size 64] [--learning-rate 2e-3]
     jaxpref sft --config configs/shapes/pretrain.yaml model.name_or_path=runs/tower   # then sft.yaml from its output
 
-A linear head, dropped afterwards, trains the tower on scenes drawn fresh each step from the task's
+Linear heads, dropped afterwards, train the tower on scenes drawn fresh each step from the task's
 train split:
   scene  from the mean of the image tokens: the kind, color and size of the shape in each column
          ("none" for an empty one). This is what makes a tiny decoder read the image soon: the
          average token, what uniform attention sees, names every shape (docs/TRAINING.md).
+  lookup from the same mean token: for each of the 24 (kind, color) pairs, the column holding that
+         shape ("none" if absent). It binds kind and color in the features the other way round, so
+         that "where is the red circle?" and "what color is the square?" become linear reads of the
+         mean token instead of a search over the columns (lookup_weight; 0 turns it off).
 Optionally (patch_weight > 0) a second one:
   patch  from each image token: the kind, color, size and column of the shape covering its patch
          ("none" on the background). Off by default: at weight 1 it holds the scene head's kind
@@ -70,6 +74,7 @@ class TowerArgs:
     seed: int = 0
     eval_images: int = 512  # held-out scenes the accuracies are measured on
     patch_weight: float = 0.0  # weight of the per-patch head's loss (0: no patch head)
+    lookup_weight: float = 1.0  # weight of the lookup head's loss (0: no lookup head)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_images"):
@@ -77,8 +82,23 @@ class TowerArgs:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not self.patch_weight >= 0:
-            raise ValueError(f"patch_weight must be >= 0, got {self.patch_weight}")
+        for name in ("patch_weight", "lookup_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+LOOKUP_PAIRS = tuple((k, c) for k in shapes.KINDS for c in shapes.COLORS)  # every shape a scene can hold
+LOOKUP_PRESENT_WEIGHT = float(len(LOOKUP_PAIRS) - 1)  # 1-3 of the 24 pairs are present: each weighs as much
+# as all the absent ones together
+
+
+def lookup_labels(scene: shapes.Scene) -> np.ndarray:
+    """int32[24]: for each (kind, color) pair of LOOKUP_PAIRS, the index in ATTRIBUTES["column"] of the
+    column holding that shape (0: not in the scene). Pairs are unique within a scene."""
+    out = np.zeros(len(LOOKUP_PAIRS), np.int32)
+    for s in scene.shapes:
+        out[LOOKUP_PAIRS.index((s.kind, s.color))] = ATTRIBUTES["column"].index(s.position)
+    return out
 
 
 def scene_labels(scene: shapes.Scene) -> np.ndarray:
@@ -125,7 +145,12 @@ def pretrain_tower(args: TowerArgs, progress: bool = True) -> dict:
     trained = {"tower": params["vision"],
                "scene_w": jax.random.normal(k2, (d, columns * sum(scene_sizes))) * d ** -0.5,
                "scene_b": jnp.zeros(columns * sum(scene_sizes))}
-    with_patch = args.patch_weight > 0
+    with_patch, with_lookup = args.patch_weight > 0, args.lookup_weight > 0
+    lookup_classes = len(ATTRIBUTES["column"])
+    if with_lookup:
+        k3 = jax.random.fold_in(k2, 1)
+        trained.update(lookup_w=jax.random.normal(k3, (d, len(LOOKUP_PAIRS) * lookup_classes)) * d ** -0.5,
+                       lookup_b=jnp.zeros(len(LOOKUP_PAIRS) * lookup_classes))
     if with_patch:
         trained.update(patch_w=jax.random.normal(k1, (d, sum(patch_sizes))) * d ** -0.5,
                        patch_b=jnp.zeros(sum(patch_sizes)))
@@ -141,15 +166,22 @@ def pretrain_tower(args: TowerArgs, progress: bool = True) -> dict:
             lo += n
         return total, jnp.stack(correct, -1)
 
-    def loss_fn(p, pixels, patch, scene):
+    def loss_fn(p, pixels, patch, scene, lookup):
         features = tower.apply({"params": p["tower"]}, pixels)  # [B, patches, d]
-        scene_logits = (features.mean(1) @ p["scene_w"] + p["scene_b"]).reshape(-1, columns, sum(scene_sizes))
+        mean = features.mean(1)
+        scene_logits = (mean @ p["scene_w"] + p["scene_b"]).reshape(-1, columns, sum(scene_sizes))
         loss, scene_hits = heads(scene_logits, scene, scene_sizes, jnp.ones(scene.shape[:2]))
-        if not with_patch:
-            return loss, (scene_hits,)
-        patch_loss, patch_hits = heads(features @ p["patch_w"] + p["patch_b"], patch, patch_sizes,
-                                       jnp.where(patch[..., 0] > 0, FOREGROUND_WEIGHT, 1.0))
-        return loss + args.patch_weight * patch_loss, (scene_hits, patch_hits)
+        hits = {"scene": scene_hits}
+        if with_lookup:
+            lookup_logits = (mean @ p["lookup_w"] + p["lookup_b"]).reshape(-1, len(LOOKUP_PAIRS), lookup_classes)
+            lookup_loss, hits["lookup"] = heads(lookup_logits, lookup[..., None], [lookup_classes],
+                                                jnp.where(lookup > 0, LOOKUP_PRESENT_WEIGHT, 1.0))
+            loss += args.lookup_weight * lookup_loss
+        if with_patch:
+            patch_loss, hits["patch"] = heads(features @ p["patch_w"] + p["patch_b"], patch, patch_sizes,
+                                              jnp.where(patch[..., 0] > 0, FOREGROUND_WEIGHT, 1.0))
+            loss += args.patch_weight * patch_loss
+        return loss, hits
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, min(50, args.steps // 2), args.steps)
     tx = optax.adamw(schedule, weight_decay=0.01)
@@ -169,7 +201,7 @@ def pretrain_tower(args: TowerArgs, progress: bool = True) -> dict:
         pixels = np.stack([preprocess_image(Image.fromarray(shapes.render(s, v.image_size)), v.image_size, "siglip")
                            for s in scenes])
         patch = np.stack([patch_labels(s, v.image_size, v.patch_size) for s in scenes]) if with_patch else None
-        return pixels, patch, np.stack([scene_labels(s) for s in scenes])
+        return pixels, patch, np.stack([scene_labels(s) for s in scenes]), np.stack([lookup_labels(s) for s in scenes])
 
     t0 = time.perf_counter()
     bar = tqdm(range(args.steps), desc="tower", unit="step", disable=not progress, dynamic_ncols=True)
@@ -179,19 +211,24 @@ def pretrain_tower(args: TowerArgs, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{float(loss):.3f}")
     seconds = time.perf_counter() - t0
 
-    patch_hits, scene_hits = np.zeros(len(patch_sizes)), np.zeros(len(scene_sizes))
+    patch_hits, scene_hits, lookup_hits = np.zeros(len(patch_sizes)), np.zeros(len(scene_sizes)), np.zeros(2)
     covered = total = filled = 0
     for start in range(0, args.eval_images, 128):
-        pixels, patch, scene = batch(min(128, args.eval_images - start), "eval")
-        hits = [np.asarray(h) for h in hits_fn(trained, pixels, patch, scene)]
+        pixels, patch, scene, lookup = batch(min(128, args.eval_images - start), "eval")
+        hits = {k: np.asarray(h) for k, h in hits_fn(trained, pixels, patch, scene, lookup).items()}
         full = scene[..., 0] > 0
-        scene_hits += hits[0][full].sum(0)
+        scene_hits += hits["scene"][full].sum(0)
         filled += int(full.sum())
+        if with_lookup:  # shapes of the scene found in their column; absent pairs called absent
+            lookup_hits += [hits["lookup"][lookup > 0].sum(), hits["lookup"][lookup == 0].sum()]
         if with_patch:
             fg = patch[..., 0] > 0
-            patch_hits += hits[1][fg].sum(0)
+            patch_hits += hits["patch"][fg].sum(0)
             covered, total = covered + int(fg.sum()), total + fg.size
     result = {"scene_accuracy": {a: float(h / filled) for a, h in zip(ATTRIBUTES, scene_hits)}}
+    if with_lookup:
+        result["lookup_accuracy"] = {"present": float(lookup_hits[0] / filled),
+                                     "absent": float(lookup_hits[1] / (len(LOOKUP_PAIRS) * args.eval_images - filled))}
     if with_patch:
         result.update(patch_accuracy={a: float(h / covered) for a, h in zip(ATTRIBUTES, patch_hits)},
                       covered_patch_fraction=covered / total)
@@ -213,6 +250,10 @@ def pretrain_tower(args: TowerArgs, progress: bool = True) -> dict:
 def format_result(result: dict) -> str:
     scene = ", ".join(f"{a} {x:.3f}" for a, x in result["scene_accuracy"].items())
     text = f"held-out accuracy of the shape in each column from the mean image token: {scene}"
+    if "lookup_accuracy" in result:
+        look = result["lookup_accuracy"]
+        text += (f"; of each shape's column from its (kind, color): {look['present']:.3f} "
+                 f"(absent pairs: {look['absent']:.3f})")
     if "patch_accuracy" in result:
         text += "; of each patch a shape covers: " + ", ".join(f"{a} {x:.3f}" for a, x in result["patch_accuracy"].items())
     return f"{text} ({result['seconds']:.0f} s)"
@@ -229,6 +270,8 @@ def add_tower_parser(subparsers):
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--patch-weight", type=float, default=0.0,
                    help="loss weight of an extra per-patch head (default: 0, none; it slows learning kinds)")
+    p.add_argument("--lookup-weight", type=float, default=1.0,
+                   help="loss weight of the lookup head, each (kind, color)'s column (default: 1; 0: none)")
     p.set_defaults(func=run_tower)
     return p
 
@@ -236,7 +279,8 @@ def add_tower_parser(subparsers):
 def run_tower(args) -> int:
     try:
         targs = TowerArgs(output_dir=args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-                          learning_rate=args.learning_rate, seed=args.seed, patch_weight=args.patch_weight)
+                          learning_rate=args.learning_rate, seed=args.seed, patch_weight=args.patch_weight,
+                          lookup_weight=args.lookup_weight)
         result = pretrain_tower(targs)
     except (ValueError, KeyError, FileExistsError) as e:
         print(f"jaxpref tower: {e}", file=sys.stderr)
