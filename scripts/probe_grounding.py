@@ -221,7 +221,7 @@ def answers(args) -> None:
         b = _batch(processor, chunk)
         for name, pixels in (("real", b["pixel_values"]), ("shuffled", np.roll(b["pixel_values"], 1, axis=0))):
             g = generate(model, params, pixel_values=pixels, input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
-                         max_new_tokens=8, greedy=True, eos_token_id=model.config.eos_token_id,
+                         max_new_tokens=32, greedy=True, eos_token_id=model.config.eos_token_id,
                          pad_token_id=model.config.pad_token_id, rng=jax.random.key(0))
             tokens, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
             for r, t, n in zip(chunk, tokens, lengths):

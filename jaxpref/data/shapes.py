@@ -711,12 +711,14 @@ SHORT_TEMPLATES = {
     "color_of": "what color is the {ref}?",
     "where_is": "where is the {color} {kind}?",
     "count": "how many shapes are there?",
+    "describe": "what shapes are in the image?",
 }
 
 
 def short_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """(prompt, completion): one question of SHORT_TEMPLATES about `scene` and its short answer ("It is
-    red.", "A circle.", "It is small.", "On the left.", "I count two.")."""
+    red.", "A circle.", "It is small.", "On the left.", "I count two.", and for "describe" every shape
+    left to right: "A red circle on the left and a blue star in the center.")."""
     kind = tuple(SHORT_TEMPLATES)[int(rng.integers(len(SHORT_TEMPLATES)))]
     i = int(rng.integers(len(scene.shapes)))
     s = scene.shapes[i]
@@ -725,7 +727,9 @@ def short_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
                                                          kind=s.kind)
     answer = {"color_at": f"It is {s.color}.", "kind_at": f"A {s.kind}.", "size_at": f"It is {s.size}.",
               "color_of": f"It is {s.color}.", "where_is": f"{_cap(where)}.",
-              "count": f"I count {NUMBER_WORDS[len(scene.shapes)]}."}[kind]
+              "count": f"I count {NUMBER_WORDS[len(scene.shapes)]}.",
+              "describe": _cap(_listing([_a(f"{t.color} {t.kind} {POSITION_PHRASES[t.position][0]}")
+                                         for t in scene.shapes])) + "."}[kind]
     return prompt, answer
 
 
