@@ -15,6 +15,8 @@ model is blind").
     # 4. greedy answers to held-out short questions: exact-match accuracy per question kind, with the
     #    rows' own images and with other rows' (what the language prior alone gets right)
     python scripts/probe_grounding.py answers runs/shapes-sft
+    # 5. the two-lookup questions alone, by the number of shapes in the scene and the target's column
+    python scripts/probe_grounding.py lookups runs/shapes-pretrain
 
 Tasks: `color` ("What color is the shape?" -> "red", one-shape scenes), `color-sentence` (-> "The shape
 is red."), `good-one` / `good-any` (the task's own prompts with good-tier answers, one-shape / 1-3-shape
@@ -234,6 +236,42 @@ def answers(args) -> None:
               + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in sorted(by.items())) + ")")
 
 
+def lookups(args) -> None:
+    """The two-lookup short questions ("where is the red circle?", "what color is the square?"): greedy
+    exact-match accuracy by the number of shapes in the scene (chance: 1/3 of the columns with three
+    shapes) and by the target's column, and the commonest wrong answers."""
+    from collections import Counter, defaultdict
+
+    from jaxpref.generate import generate
+
+    model, params = load_pretrained(args.model, "float32")
+    tok = load_tokenizer(args.model)
+    processor = Processor(model.config, tok, ProcessorConfig(kind="sft", length_buckets=(16, 32, 96)))
+    leads = {shapes.SHORT_LEAD + shapes.SHORT_TEMPLATES[k].split("{")[0]: k for k in ("where_is", "color_of")}
+    rows = [(r, k) for r in generated_eval_rows("short", args.num) for lead, k in leads.items()
+            if r["prompt"].startswith(lead) and "shape" not in r["prompt"]]  # color_of, not color_at
+    hits, wrong = defaultdict(list), Counter()
+    for start in range(0, len(rows) - 31, 32):
+        chunk = rows[start:start + 32]
+        b = _batch(processor, [r for r, _ in chunk])
+        g = generate(model, params, pixel_values=b["pixel_values"], input_ids=b["prompt_ids"],
+                     attention_mask=b["prompt_mask"], max_new_tokens=8, greedy=True,
+                     eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id,
+                     rng=jax.random.key(0))
+        for (r, kind), t, n in zip(chunk, np.asarray(g.tokens), np.asarray(g.lengths)):
+            said = tok.decode([int(x) for x in t[:n] if x != model.config.eos_token_id], skip_special_tokens=True).strip()
+            scene, ok = shapes.Scene.from_json(r["scene"]), said == r["completion"].strip()
+            target = shapes.parse_prompt(scene, r["prompt"][len(shapes.SHORT_LEAD):]).target
+            hits[(kind, f"{len(scene.shapes)} shapes")].append(ok)
+            hits[(kind, f"target {scene.shapes[target].position}")].append(ok)
+            if not ok:
+                wrong[(kind, r["completion"].strip(), said)] += 1
+    for key in sorted(hits):
+        print(f"{key[0]:>8} {key[1]:<14} {len(hits[key]):4d} questions: {np.mean(hits[key]):.2f}")
+    print("commonest wrong answers (question, right, said):",
+          "; ".join(f"{n}x {k} {a!r} -> {s!r}" for (k, a, s), n in wrong.most_common(6)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True)
@@ -266,6 +304,10 @@ def main():
     p.add_argument("model")
     p.add_argument("--num", type=int, default=256)
     p.set_defaults(func=answers)
+    p = sub.add_parser("lookups", help="two-lookup short questions: accuracy by number of shapes and target column")
+    p.add_argument("model")
+    p.add_argument("--num", type=int, default=1500, help="held-out short questions drawn (about 2/7 of them asked)")
+    p.set_defaults(func=lookups)
     args = parser.parse_args()
     args.func(args)
 
