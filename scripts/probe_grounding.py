@@ -123,15 +123,20 @@ def tower(args) -> None:
 
 
 def generated_row(rng, task: str, split: str) -> dict:
-    one = task not in ("good-any", "short")
+    one = task not in ("good-any", "short", "where3")
     while True:
         scene = shapes.sample_scene(rng, split)
-        if not one or len(scene.shapes) == 1:
+        if (not one or len(scene.shapes) == 1) and (task != "where3" or len(scene.shapes) == 3):
             break
     buf = io.BytesIO()
     Image.fromarray(shapes.render(scene)).save(buf, "PNG")
     if task == "short":
         prompt, completion = shapes.short_question(scene, rng)
+    elif task == "where3":  # "Quick question: where is the red circle?" on three-shape scenes (chance: 1/3)
+        s = scene.shapes[int(rng.integers(3))]
+        where = "in the center" if s.position == "center" else f"on the {s.position}"
+        prompt = shapes.SHORT_LEAD + shapes.SHORT_TEMPLATES["where_is"].format(color=s.color, kind=s.kind)
+        completion = where[0].upper() + where[1:] + "."
     elif task in ("color", "color-sentence"):
         color = scene.shapes[0].color
         prompt, completion = "What color is the shape?", color if task == "color" else f"The shape is {color}."
@@ -157,7 +162,7 @@ def _load(init: str):
 
 def sft(args) -> None:
     model, params = _load(args.init)
-    processor = Processor(model.config, load_tokenizer("shapes"), ProcessorConfig(kind="sft", length_buckets=(80, 160)))
+    processor = Processor(model.config, load_tokenizer("shapes"), ProcessorConfig(kind="sft", length_buckets=(16, 32, 80, 96, 160)))
     eval_rng, rng = np.random.default_rng(123), np.random.default_rng(args.seed)
     held_out = [_batch(processor, [generated_row(eval_rng, args.task, "eval") for _ in range(64)])]
     tx = optax.adamw(args.lr, weight_decay=0.0)
@@ -286,7 +291,8 @@ def main():
     p.set_defaults(func=tower)
     p = sub.add_parser("sft", help="a short SFT on generated rows, printing the real/shuffled-image gap")
     p.add_argument("--init", default="small", help="`small` (random init) or a model directory")
-    p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any", "short"], default="color")
+    p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any", "short", "where3"],
+                   default="color")
     p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=32)
