@@ -1,6 +1,6 @@
 """`jaxpref demo`: the whole pipeline on the built-in shapes task, stage by stage, ending in a report.
 
-    jaxpref demo                                   # the full plan (~114 min on a 2-core CPU) -> runs/demo
+    jaxpref demo                                   # the full plan (~96 min on a 2-core CPU) -> runs/demo
     jaxpref demo --quick --out runs/demo-quick     # the quick plan (~9 min)
     jaxpref demo --quick --set sft.max_steps=50 --set eval.num=32     # change the plan: STAGE.KEY=VALUE
 
@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full 114 min (tower 16, pretrain 64), quick
+# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full 96 min (tower 18, pretrain 38), quick
 # ~9 min (7.2 min measured before the pretrain stage).
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row).
@@ -857,7 +857,7 @@ def add_demo_parser(subparsers):
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the quick plan (~9 min on a 2-core CPU) instead of the full one (~114 min)")
+                   help="the quick plan (~9 min on a 2-core CPU) instead of the full one (~96 min)")
     p.add_argument("--out", default="runs/demo",
                    help="output directory; re-running with it resumes (default: runs/demo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
