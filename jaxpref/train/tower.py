@@ -11,9 +11,11 @@ train split:
          average token, what uniform attention sees, names every shape (docs/TRAINING.md).
   lookup from the same mean token: for each of the 24 (kind, color) pairs, the column holding that
          shape ("none" if absent). It binds kind and color in the features the other way round, so
-         that "where is the red circle?" and "what color is the square?" become linear reads of the
-         mean token instead of a search over the columns (lookup_weight; 0 turns it off).
-Optionally (patch_weight > 0) a second one:
+         that "where is the red circle?" and "what color is the square?" are linear reads of the
+         mean token instead of a search over the columns (lookup_weight; 0 turns it off). The tower
+         learns it fully (1.000 held-out), but the decoder pretrained on it did not answer those
+         questions any better (demo-s16, docs/TRAINING.md).
+Optionally (patch_weight > 0) a third one:
   patch  from each image token: the kind, color, size and column of the shape covering its patch
          ("none" on the background). Off by default: at weight 1 it holds the scene head's kind
          accuracy at 0.29 after 400 steps (0.61 without it; docs/TRAINING.md), and kinds are what
