@@ -123,10 +123,10 @@ def tower(args) -> None:
 
 
 def generated_row(rng, task: str, split: str) -> dict:
-    one = task not in ("good-any", "short", "where3")
+    one = task not in ("good-any", "short", "where3", "exists3")
     while True:
         scene = shapes.sample_scene(rng, split)
-        if (not one or len(scene.shapes) == 1) and (task != "where3" or len(scene.shapes) == 3):
+        if (not one or len(scene.shapes) == 1) and (task not in ("where3", "exists3") or len(scene.shapes) == 3):
             break
     buf = io.BytesIO()
     Image.fromarray(shapes.render(scene)).save(buf, "PNG")
@@ -137,6 +137,13 @@ def generated_row(rng, task: str, split: str) -> dict:
         where = "in the center" if s.position == "center" else f"on the {s.position}"
         prompt = shapes.SHORT_LEAD + shapes.SHORT_TEMPLATES["where_is"].format(color=s.color, kind=s.kind)
         completion = where[0].upper() + where[1:] + "."
+    elif task == "exists3":  # "Quick question: is there a red circle?" on three-shape scenes, half of them
+        # absent pairs whose kind and color are both in the scene (chance: 1/2)
+        present = {(s.kind, s.color) for s in scene.shapes}
+        absent = sorted({(s.kind, t.color) for s in scene.shapes for t in scene.shapes} - present)
+        yes = rng.random() < 0.5 or not absent
+        kind, color = sorted(present)[int(rng.integers(3))] if yes else absent[int(rng.integers(len(absent)))]
+        prompt, completion = f"{shapes.SHORT_LEAD}is there {shapes._a(color + ' ' + kind)}?", "Yes." if yes else "No."
     elif task in ("color", "color-sentence"):
         color = scene.shapes[0].color
         prompt, completion = "What color is the shape?", color if task == "color" else f"The shape is {color}."
@@ -291,7 +298,7 @@ def main():
     p.set_defaults(func=tower)
     p = sub.add_parser("sft", help="a short SFT on generated rows, printing the real/shuffled-image gap")
     p.add_argument("--init", default="small", help="`small` (random init) or a model directory")
-    p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any", "short", "where3"],
+    p.add_argument("--task", choices=["color", "color-sentence", "good-one", "good-any", "short", "where3", "exists3"],
                    default="color")
     p.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
     p.add_argument("--steps", type=int, default=150)
