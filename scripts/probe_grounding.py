@@ -134,9 +134,8 @@ def generated_row(rng, task: str, split: str) -> dict:
         prompt, completion = shapes.short_question(scene, rng)
     elif task == "where3":  # "Quick question: where is the red circle?" on three-shape scenes (chance: 1/3)
         s = scene.shapes[int(rng.integers(3))]
-        where = "in the center" if s.position == "center" else f"on the {s.position}"
         prompt = shapes.SHORT_LEAD + shapes.SHORT_TEMPLATES["where_is"].format(color=s.color, kind=s.kind)
-        completion = where[0].upper() + where[1:] + "."
+        completion = shapes._cap(shapes.POSITION_PHRASES[s.position][0]) + "."
     elif task == "exists3":  # "Quick question: is there a red circle?" on three-shape scenes, half of them
         # absent pairs whose kind and color are both in the scene (chance: 1/2)
         present = {(s.kind, s.color) for s in scene.shapes}
@@ -219,11 +218,20 @@ def gap(args) -> None:
           f"shuffled {r['nll_shuffled']:.5f}")
 
 
+def _greedy(model, params, tok, b, pixels, max_new_tokens: int) -> list[str]:
+    """The model's greedy answers (decoded, stripped) to batch b's prompts, seeing `pixels`."""
+    from jaxpref.generate import generate
+
+    g = generate(model, params, pixel_values=pixels, input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
+                 max_new_tokens=max_new_tokens, greedy=True, eos_token_id=model.config.eos_token_id,
+                 pad_token_id=model.config.pad_token_id, rng=jax.random.key(0))
+    return [tok.decode([int(x) for x in t[:n] if x != model.config.eos_token_id], skip_special_tokens=True).strip()
+            for t, n in zip(np.asarray(g.tokens), np.asarray(g.lengths))]
+
+
 def answers(args) -> None:
     """Greedy answers of a model to held-out short questions, exact-match accuracy per question kind
     (SHORT_TEMPLATES), with the rows' own images and with other rows' images (chance level)."""
-    from jaxpref.generate import generate
-
     model, params = load_pretrained(args.model, "float32")
     tok = load_tokenizer(args.model)
     processor = Processor(model.config, tok, ProcessorConfig(kind="sft", length_buckets=(16, 32, 48, 64, 80, 96)))
@@ -234,14 +242,9 @@ def answers(args) -> None:
         chunk = rows[start:start + 32]
         b = _batch(processor, chunk)
         for name, pixels in (("real", b["pixel_values"]), ("shuffled", np.roll(b["pixel_values"], 1, axis=0))):
-            g = generate(model, params, pixel_values=pixels, input_ids=b["prompt_ids"], attention_mask=b["prompt_mask"],
-                         max_new_tokens=32, greedy=True, eos_token_id=model.config.eos_token_id,
-                         pad_token_id=model.config.pad_token_id, rng=jax.random.key(0))
-            tokens, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
-            for r, t, n in zip(chunk, tokens, lengths):
-                said = tok.decode([int(x) for x in t[:n] if x != model.config.eos_token_id], skip_special_tokens=True)
+            for r, said in zip(chunk, _greedy(model, params, tok, b, pixels, 32)):
                 kind = next(k for lead, k in kinds.items() if r["prompt"].startswith(lead))
-                hits[name].setdefault(kind, []).append(said.strip() == r["completion"].strip())
+                hits[name].setdefault(kind, []).append(said == r["completion"].strip())
     for name, by in hits.items():
         total = np.mean([h for v in by.values() for h in v])
         print(f"{args.model} short-question exact match, {name} images: {total:.3f} ("
@@ -254,8 +257,6 @@ def lookups(args) -> None:
     shapes) and by the target's column, and the commonest wrong answers."""
     from collections import Counter, defaultdict
 
-    from jaxpref.generate import generate
-
     model, params = load_pretrained(args.model, "float32")
     tok = load_tokenizer(args.model)
     processor = Processor(model.config, tok, ProcessorConfig(kind="sft", length_buckets=(16, 32, 96)))
@@ -266,12 +267,7 @@ def lookups(args) -> None:
     for start in range(0, len(rows) - 31, 32):
         chunk = rows[start:start + 32]
         b = _batch(processor, [r for r, _ in chunk])
-        g = generate(model, params, pixel_values=b["pixel_values"], input_ids=b["prompt_ids"],
-                     attention_mask=b["prompt_mask"], max_new_tokens=8, greedy=True,
-                     eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id,
-                     rng=jax.random.key(0))
-        for (r, kind), t, n in zip(chunk, np.asarray(g.tokens), np.asarray(g.lengths)):
-            said = tok.decode([int(x) for x in t[:n] if x != model.config.eos_token_id], skip_special_tokens=True).strip()
+        for (r, kind), said in zip(chunk, _greedy(model, params, tok, b, b["pixel_values"], 8)):
             scene, ok = shapes.Scene.from_json(r["scene"]), said == r["completion"].strip()
             target = shapes.parse_prompt(scene, r["prompt"][len(shapes.SHORT_LEAD):]).target
             hits[(kind, f"{len(scene.shapes)} shapes")].append(ok)

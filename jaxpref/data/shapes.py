@@ -214,7 +214,7 @@ def _color_ref(scene: Scene, i: int) -> str:
     s = scene.shapes[i]
     if sum(t.kind == s.kind for t in scene.shapes) == 1:
         return s.kind
-    return f"{s.kind} {'in the center' if s.position == 'center' else 'on the ' + s.position}"
+    return f"{s.kind} {POSITION_PHRASES[s.position][0]}"
 
 
 def sample_prompt(scene: Scene, rng: np.random.Generator, question: str | None = None) -> Prompt:
@@ -722,7 +722,7 @@ def short_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     kind = tuple(SHORT_TEMPLATES)[int(rng.integers(len(SHORT_TEMPLATES)))]
     i = int(rng.integers(len(scene.shapes)))
     s = scene.shapes[i]
-    where = "in the center" if s.position == "center" else f"on the {s.position}"
+    where = POSITION_PHRASES[s.position][0]
     prompt = (SHORT_LEAD + SHORT_TEMPLATES[kind]).format(where=where, ref=_color_ref(scene, i), color=s.color,
                                                          kind=s.kind)
     answer = {"color_at": f"It is {s.color}.", "kind_at": f"A {s.kind}.", "size_at": f"It is {s.size}.",
