@@ -98,7 +98,8 @@ def test_tower_cli_rejects_bad_arguments(capsys):
     assert main(["tower", "--out", "unused", "--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
     assert main(["tower", "--out", "unused", "--patch-weight", "-1"]) == 2
-    assert main(["tower", "--out", "unused", "--lookup-weight", "-1"]) == 2
     assert "patch_weight must be >= 0" in capsys.readouterr().err
+    assert main(["tower", "--out", "unused", "--lookup-weight", "-1"]) == 2
+    assert "lookup_weight must be >= 0" in capsys.readouterr().err
     assert main(["tower", "--out", "unused", "--preset", "llava-1.5-7b"]) == 2
     assert "needs a PaliGemma (SigLIP) preset" in capsys.readouterr().err
