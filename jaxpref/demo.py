@@ -61,7 +61,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
                  "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
         "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
-                  "seed": 0},
+                  "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
@@ -73,7 +73,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
                  "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
         "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
-                  "seed": 0},
+                  "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
@@ -218,7 +218,8 @@ def stage_tower(demo: Demo) -> dict:
     else:
         result = pretrain_tower(TowerArgs(output_dir=out, preset=p["preset"], steps=p["steps"],
                                           batch_size=p["batch_size"], learning_rate=p["learning_rate"],
-                                          lookup_weight=p["lookup_weight"], seed=p["seed"]))
+                                          lookup_weight=p["lookup_weight"], patch_weight=p["patch_weight"],
+                                          seed=p["seed"]))
     print(f"  {format_result(result)}", flush=True)
     return {"tower": {k: result[k] for k in ("scene_accuracy", "lookup_accuracy", "patch_accuracy") if k in result},
             STAGE_SECONDS: result["seconds"]}  # the training's time, also when an earlier run made the tower

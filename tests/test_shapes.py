@@ -312,6 +312,11 @@ def test_the_short_kind_is_all_short_questions_on_scenes_of_its_own():
     assert rows == list(generate_split("short", 300, seed=7, image_size=16))  # deterministic
     sft_scenes = [r["scene"] for r in generate_split("sft", 300, seed=7, image_size=16)]
     assert sum(a == b for a, b in zip(sft_scenes, (r["scene"] for r in rows))) < 10  # its own random stream
+    # asked by SHORT_WEIGHTS: the two lookups 3/11 each, every other kind 1/11
+    asked = [r["prompt"][len(SHORT_LEAD):] for r in rows]
+    for opening, share in (("where is", 3 / 11), ("what color is the shape", 1 / 11), ("how many", 1 / 11)):
+        got = np.mean([q.startswith(opening) for q in asked])
+        assert abs(got - share) <= 3.5 * math.sqrt(share * (1 - share) / len(rows)), (opening, got)
     held_out = list(generate_split("short", 50, seed=7, image_size=16, split="eval"))
     assert all(scene_split(Scene.from_json(r["scene"])) == "eval" for r in held_out)
     assert set(rows[0]) == {"images", "prompt", "completion", "scene"}
