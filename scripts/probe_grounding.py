@@ -17,6 +17,9 @@ model is blind").
     python scripts/probe_grounding.py answers runs/shapes-sft
     # 5. the two-lookup questions alone, by the number of shapes in the scene and the target's column
     python scripts/probe_grounding.py lookups runs/shapes-pretrain
+    # 6. are the image tokens local: each token's cosine to its image's mean token, and linear probes
+    #    naming the kind / color / column of the shape on each token's patch
+    python scripts/probe_grounding.py tokens runs/tower
 
 Tasks: `color` ("What color is the shape?" -> "red", one-shape scenes), `color-sentence` (-> "The shape
 is red."), `good-one` / `good-any` (the task's own prompts with good-tier answers, one-shape / 1-3-shape
@@ -280,6 +283,57 @@ def lookups(args) -> None:
           "; ".join(f"{n}x {k} {a!r} -> {s!r}" for (k, a, s), n in wrong.most_common(6)))
 
 
+def tokens(args) -> None:
+    """Are a model's image tokens (projected, as the decoder sees them) local? How alike each token is
+    to its image's mean token (cosine), and a linear probe's held-out accuracy at naming the kind, color
+    and column of the shape covering each token's patch (jaxpref tower's patch labels)."""
+    from jaxpref.train.tower import patch_labels as drawn_patch_labels
+
+    model, params = load_pretrained(args.model, "float32")
+    v = model.config.vision
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_images))
+    rng = np.random.default_rng(0)
+
+    def data(n: int, split: str):
+        scenes = [shapes.sample_scene(rng, split) for _ in range(n)]
+        pixels = np.stack([preprocess_image(Image.fromarray(shapes.render(s, v.image_size)), v.image_size, "siglip")
+                           for s in scenes])
+        labels = np.stack([drawn_patch_labels(s, v.image_size, v.patch_size) for s in scenes])
+        return np.concatenate([np.asarray(encode(params, pixels[i:i + 128])) for i in range(0, n, 128)]), labels
+
+    (f_train, y_train), (f_eval, y_eval) = data(args.num, "train"), data(512, "eval")
+    unit = f_eval / np.linalg.norm(f_eval, axis=-1, keepdims=True)
+    mean = unit.mean(1, keepdims=True)
+    cos = (unit * mean / np.linalg.norm(mean, axis=-1, keepdims=True)).sum(-1)
+    fg = y_eval[..., 0] > 0
+    print(f"cosine of each token to its image's mean token: {cos.mean():.3f} (tokens on a shape {cos[fg].mean():.3f}, "
+          f"on the background {cos[~fg].mean():.3f})")
+    mu, sd = f_train.reshape(-1, f_train.shape[-1]).mean(0), f_train.reshape(-1, f_train.shape[-1]).std(0) + 1e-6
+    x_train = jnp.asarray(((f_train - mu) / sd).reshape(-1, f_train.shape[-1]))
+    x_eval = ((f_eval - mu) / sd).reshape(-1, f_eval.shape[-1])
+    for name, col in (("kind", 0), ("color", 1), ("column", 3)):
+        y, y_held = jnp.asarray(y_train[..., col].reshape(-1)), y_eval[..., col].reshape(-1)
+        classes = len(ATTRIBUTES[name])
+        w = {"w": jnp.zeros((x_train.shape[1], classes)), "b": jnp.zeros(classes)}
+        weight = jnp.where(y > 0, 3.0, 1.0)  # shapes cover about a quarter of the patches
+        tx = optax.adam(1e-2)
+        opt = tx.init(w)
+
+        @jax.jit
+        def step(w, opt, x, y, weight):  # the data as arguments, not constants XLA would fold
+            g = jax.grad(lambda w: jnp.mean(weight * optax.softmax_cross_entropy_with_integer_labels(
+                x @ w["w"] + w["b"], y)))(w)
+            u, opt = tx.update(g, opt)
+            return optax.apply_updates(w, u), opt
+
+        for _ in range(300):
+            w, opt = step(w, opt, x_train, y, weight)
+        pred = np.asarray((x_eval @ w["w"] + w["b"]).argmax(-1))
+        on = y_held > 0
+        print(f"linear probe, {name}: tokens on a shape {np.mean(pred[on] == y_held[on]):.3f}, "
+              f"background {np.mean(pred[~on] == y_held[~on]):.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True)
@@ -315,8 +369,12 @@ def main():
     p.set_defaults(func=answers)
     p = sub.add_parser("lookups", help="two-lookup short questions: accuracy by number of shapes and target column")
     p.add_argument("model")
-    p.add_argument("--num", type=int, default=1500, help="held-out short questions drawn (about 2/7 of them asked)")
+    p.add_argument("--num", type=int, default=1500, help="held-out short questions drawn (about 6/11 of them asked)")
     p.set_defaults(func=lookups)
+    p = sub.add_parser("tokens", help="are the image tokens local? cosine to the mean token, per-patch linear probes")
+    p.add_argument("model")
+    p.add_argument("--num", type=int, default=2048, help="train scenes of the linear probes (512 held-out ones)")
+    p.set_defaults(func=tokens)
     args = parser.parse_args()
     args.func(args)
 
