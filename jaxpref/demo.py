@@ -817,6 +817,8 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
         acc = summary.get("tower", {}).get("scene_accuracy", {})
         look = summary.get("tower", {}).get("lookup_accuracy")
         look = f"; of each shape's column from its kind and color: {_f(look['present'])}" if look else ""
+        patch = summary.get("tower", {}).get("patch_accuracy")
+        look += f"; of the kind of the shape on each image patch: {_f(patch['kind'])}" if patch else ""
         start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes "
                  f"(held-out accuracy of the shape in each column: kind {_f(acc.get('kind'))}, color "
                  f"{_f(acc.get('color'))}, size {_f(acc.get('size'))}{look}) and frozen from then on, and a decoder "

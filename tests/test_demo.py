@@ -54,7 +54,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
     assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "reward", "dpo",
                                                                "ppo", "eval", "report"]
-    assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy", "lookup_accuracy"]
+    assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy", "lookup_accuracy", "patch_accuracy"]
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
     assert 0 <= rm["accuracy"] <= 1 and 0 <= rm["gold_accuracy"] <= 1 and 0 < rm["label_agreement"] <= 1
@@ -68,7 +68,8 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
 
     # the files, and the numbers of summary.json in them
     report = (out / "report.md").read_text()
-    numbers = [rm["accuracy"], rm["gold_accuracy"], rm["label_agreement"], s["sft"]["judge_score"]]
+    numbers = [rm["accuracy"], rm["gold_accuracy"], rm["label_agreement"], s["sft"]["judge_score"],
+               s["tower"]["patch_accuracy"]["kind"]]
     numbers += [s[m][k] for m in ("dpo", "ppo") for k in ("win_rate", "rm_win_rate", "judge_score")]
     for x in numbers:
         assert f"{x:.3f}" in report, x
@@ -190,7 +191,7 @@ def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_p
     demo = Demo(out=str(tmp_path), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
     first = stage_tower(demo)
     made = json.loads((tmp_path / "runs" / "tower" / "tower.json").read_text())
-    assert first[STAGE_SECONDS] == made["seconds"] > 0 and first["tower"] == {k: made[k] for k in ("scene_accuracy", "lookup_accuracy")}
+    assert first[STAGE_SECONDS] == made["seconds"] > 0 and first["tower"] == {k: made[k] for k in ("scene_accuracy", "lookup_accuracy", "patch_accuracy")}
     weights = tmp_path / "runs" / "tower" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert stage_tower(demo) == first and weights.stat().st_mtime_ns == stamp  # reused, not trained again
