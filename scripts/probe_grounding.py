@@ -285,7 +285,8 @@ def lookups(args) -> None:
 
 def tokens(args) -> None:
     """Are a model's image tokens (projected, as the decoder sees them) local? How alike each token is
-    to its image's mean token (cosine), and a linear probe's held-out accuracy at naming the kind, color
+    to its image's mean token (cosine; the mean of the image's tokens each scaled to unit length, so
+    that no few large tokens set it), and a linear probe's held-out accuracy at naming the kind, color
     and column of the shape covering each token's patch (jaxpref tower's patch labels)."""
     from jaxpref.train.tower import patch_labels as drawn_patch_labels
 

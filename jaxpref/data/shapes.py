@@ -716,7 +716,7 @@ SHORT_TEMPLATES = {
 # How often each kind is asked, relative to the others. The two lookups of a shape named by its kind
 # and color ("where is the red circle?", "what color is the star?") weigh 3: with two or three shapes
 # they are the slowest reads to learn (a decoder pretrained on the kinds equally often answered them
-# at chance, docs/TRAINING.md), and the task's color and locate prompts (half of them) need them.
+# at or near chance, docs/TRAINING.md), and the task's color and locate prompts (half of them) need them.
 SHORT_WEIGHTS = {"color_at": 1, "kind_at": 1, "size_at": 1, "color_of": 3, "where_is": 3, "count": 1, "describe": 1}
 
 

@@ -20,7 +20,7 @@ train split:
          facts in the tokens of its own patches, beside the scene everywhere: what the decoder's
          attention can match a question's "red circle" against. At weight 1 it held the scene head's
          kind accuracy at 0.29 after 400 steps (0.61 without it; docs/TRAINING.md); at 0.3 and the
-         default 2400 steps (2e-3, 18.5 min on a 2-core CPU) every head reaches 0.995-1.000 held out.
+         default 2400 steps (2e-3, 18.6 min on a 2-core CPU) every head reaches 0.995-1.000 held out.
 Accuracies are measured on held-out (eval-split) scenes: the scene head's over the columns holding
 a shape, the patch head's over the patches a shape covers (the background is most patches, and
 easy). The output directory is a full VLM in Hugging Face format (config.json, safetensors, the
