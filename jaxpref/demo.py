@@ -30,6 +30,13 @@ DIR/summary.json is rewritten after every stage: the plan, a fingerprint of ever
 Re-running with the same DIR skips finished stages; an interrupted trainer stage resumes from its
 latest Orbax checkpoint (trainers run with resume_from_checkpoint=true). A DIR made with another
 plan or other trainer configs is refused (DemoError) rather than mixed.
+
+`--reuse OTHER_DIR` starts a new DIR from another demo's finished stages: a stage is copied (hard-linked
+where possible), not run, when OTHER_DIR finished it with the same plan entries and trainer config and
+every stage it reads (Stage.needs) is reused too. Changing only the PPO settings re-runs ppo, eval and
+the report:
+
+    jaxpref demo --out runs/demo-ppo80 --reuse runs/demo --set ppo.max_steps=80
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -118,6 +126,9 @@ class Stage:
     run: Callable[[Demo], dict | None]
     describe: Callable[[Demo], str]
     config: Callable[[Demo], Any] | None = None
+    needs: tuple[str, ...] = ()    # the stages whose outputs it reads
+    outputs: tuple[str, ...] = ()  # what it writes, relative to DIR (--reuse copies these)
+    results: tuple[str, ...] = ()  # the summary.json entries its run returns
 
 
 # ---------------------------------------------------------------------------
@@ -175,7 +186,8 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
         return (f"{cfg.max_steps} {unit} from {cfg.model.name_or_path}{extra} on {cfg.data.dataset_name} "
                 f"-> {cfg.output_dir}{resumed}")
 
-    return Stage(name, run, describe, config)
+    needs = ("data",) + tuple(s for s in (start, reward_model) if s is not None)
+    return Stage(name, run, describe, config, needs=needs, outputs=(os.path.join("runs", name),))
 
 
 def _has_checkpoints(output_dir: str) -> bool:
@@ -287,14 +299,15 @@ def stage_report(demo: Demo):
 
 # The pipeline. A new stage is one entry here (and, if it has settings, an entry in each plan).
 STAGES: list[Stage] = [
-    Stage("data", stage_data, _describe_data),
-    Stage("tower", stage_tower, _describe_tower),
+    Stage("data", stage_data, _describe_data, outputs=("data",)),
+    Stage("tower", stage_tower, _describe_tower, outputs=(os.path.join("runs", "tower"),), results=("tower",)),
     trainer("sft", name="pretrain", data="short", start="tower"),
     trainer("sft", data="sft", start="pretrain"),
     trainer("reward", data="preference", start="sft"),
     trainer("dpo", data="preference", start="sft"),
     trainer("ppo", data="prompt", start="sft", reward_model="reward"),
-    Stage("eval", stage_eval, _describe_eval),
+    Stage("eval", stage_eval, _describe_eval, needs=("data", "sft", "reward") + METHODS, outputs=("eval",),
+          results=("reward_model", "sft") + METHODS),
     Stage("report", stage_report, lambda demo: f"{demo.path('report.md')}, {demo.path('img')}/, "
                                                f"{demo.path('examples.html')}"),
 ]
@@ -427,16 +440,82 @@ def _get(plan: dict, key: str):
     return plan.get(stage, {}).get(k, "(unset)")
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str | None = None) -> dict:
-    """Runs every stage not finished yet (see the module docstring); returns summary.json's contents."""
+def reusable_stages(source: dict, plan: dict, fingerprints: dict) -> list[str]:
+    """The stages of the demo whose summary.json is `source` that a run with `plan` and trainer-config
+    `fingerprints` may take as they are: finished there, with the same plan entries and config, and
+    every stage they need reusable too. The report, which reads everything, is always rewritten."""
+    ok: list[str] = []
+    for stage in STAGES:
+        if (stage.outputs and stage.name in source.get("stages", {})
+                and source.get("plan", {}).get(stage.name) == plan.get(stage.name)
+                and source.get("configs", {}).get(stage.name) == fingerprints.get(stage.name)
+                and all(n in ok for n in stage.needs)):
+            ok.append(stage.name)
+    return ok
+
+
+def _link_or_copy(src: str, dst: str):
+    try:
+        os.link(src, dst)  # a finished stage's files are never written again: share them
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _reuse(demo: Demo, stage: Stage, source: str, source_summary: dict):
+    """Copies (hard-links where it can) `stage`'s outputs from the demo in `source` into DIR and records
+    the stage as finished there, with its time and results from `source`."""
+    for rel in stage.outputs:
+        dst = demo.path(rel)
+        if os.path.exists(dst):
+            raise DemoError(f"--reuse {source}: {dst} exists, but stage {stage.name} is not finished in {demo.out}: "
+                            f"delete {dst} to reuse {os.path.join(source, rel)}, or run without --reuse")
+        shutil.copytree(os.path.join(source, rel), dst, copy_function=_link_or_copy)
+    for key in stage.results:
+        if key in source_summary:
+            demo.summary[key] = copy.deepcopy(source_summary[key])
+    demo.summary["stages"][stage.name] = {"seconds": source_summary["stages"][stage.name]["seconds"],
+                                          "reused_from": source}
+
+
+def _same_dir(a: str | None, b: str) -> bool:
+    return a is not None and os.path.abspath(a) == os.path.abspath(b)
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str | None = None,
+             reuse: str | None = None) -> dict:
+    """Runs every stage not finished yet (see the module docstring); returns summary.json's contents.
+    `reuse`: another demo's DIR; its finished stages that this plan would run the same way (same plan
+    entries and configs, and the same for every stage they need: `reusable_stages`) are copied instead
+    of run, e.g. to try other DPO or PPO settings without the ~80 min before them."""
     demo = Demo(out=out, plan=make_plan(quick, sets), quick=quick, configs=configs or default_configs_dir())
-    demo.summary = summary = _open_summary(demo, config_fingerprints(demo))
+    fingerprints = config_fingerprints(demo)
+    source, reused = None, []
+    if reuse is not None:
+        if os.path.abspath(reuse) == os.path.abspath(out):
+            raise DemoError(f"--reuse {reuse}: that is --out itself; re-running with the same --out already "
+                            f"skips finished stages")
+        if not os.path.exists(summary_path(reuse)):
+            raise DemoError(f"--reuse {reuse}: no {summary_path(reuse)}; not a demo directory")
+        try:
+            source = read_summary(reuse)
+        except (OSError, json.JSONDecodeError) as e:
+            raise DemoError(f"--reuse {reuse}: {summary_path(reuse)} unreadable ({e})") from None
+        reused = reusable_stages(source, demo.plan, fingerprints)
+    demo.summary = summary = _open_summary(demo, fingerprints)
     write_summary(out, summary)
     for i, stage in enumerate(STAGES, 1):
         head = f"[{i}/{len(STAGES)}] {stage.name}"
         if stage.name in summary["stages"]:
             print(f"{head}: finished in an earlier run ({_duration(summary['stages'][stage.name]['seconds'])}), "
                   f"skipping", flush=True)
+            continue
+        # reused only when what it needs in DIR came from the same source (else they may differ)
+        if stage.name in reused and all(_same_dir(summary["stages"].get(n, {}).get("reused_from"), reuse)
+                                        for n in stage.needs):
+            _reuse(demo, stage, reuse, source)
+            write_summary(out, summary)
+            print(f"{head}: reused from {reuse} (finished there in "
+                  f"{_duration(summary['stages'][stage.name]['seconds'])})", flush=True)
             continue
         print(f"{head}: {stage.describe(demo)}", flush=True)
         t0 = time.perf_counter()
@@ -470,7 +549,9 @@ def format_summary(summary: dict, out: str) -> str:
     """The one screen printed at the end: stage times, the key numbers, where the report is."""
     stages = summary["stages"]
     lines = [f"jaxpref demo ({'quick' if summary['quick'] else 'full'} plan): {out}", "  stage     wall time"]
-    lines += [f"  {name:<8}  {_duration(s['seconds']):>9}" for name, s in stages.items()]
+    lines += [f"  {name:<8}  {_duration(s['seconds']):>9}" + (f"  (reused from {s['reused_from']})"
+                                                            if "reused_from" in s else "")
+              for name, s in stages.items()]
     lines.append(f"  {'total':<8}  {_duration(sum(s['seconds'] for s in stages.values())):>9}")
     if rm := summary.get("reward_model"):
         lines.append(f"reward model: accuracy {_f(rm.get('accuracy'))} against the labels (ceiling "
@@ -716,7 +797,8 @@ def write_report(out: str) -> str:
     stages = dict(summary["stages"])
     stages.setdefault("report", None)  # this stage: still running
     for name, s in stages.items():
-        lines.append(f"| {name} | {_duration(s['seconds']) if s else '(this step)'} | {what.get(name, '')} |")
+        reused = f" (reused from `{s['reused_from']}`)" if s and "reused_from" in s else ""
+        lines.append(f"| {name} | {_duration(s['seconds']) if s else '(this step)'} | {what.get(name, '')}{reused} |")
     total = sum(s["seconds"] for s in stages.values() if s)
     lines += [f"| total | {_duration(total)} (before the report) | |", ""]
 
@@ -866,6 +948,9 @@ def add_demo_parser(subparsers):
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="change one plan entry, e.g. sft.max_steps=50, data.eval_rows=200, eval.num=100, "
                         "ppo.kl_coef=0.1 (repeatable; part of the plan a re-run must match)")
+    p.add_argument("--reuse", default=None, metavar="DIR",
+                   help="another demo's output directory: its finished stages that this plan runs the same way "
+                        "(same settings, and the same for every stage they read) are copied, not re-run")
     p.add_argument("--configs", default=None,
                    help="directory of the trainers' YAML configs (default: the repository's configs/shapes)")
     p.set_defaults(func=_main)
@@ -876,7 +961,7 @@ def _main(args) -> int:
     from jaxpref.train.loop import NonFiniteError, RunError
 
     try:
-        run_demo(args.out, quick=args.quick, sets=args.sets, configs=args.configs)
+        run_demo(args.out, quick=args.quick, sets=args.sets, configs=args.configs, reuse=args.reuse)
     except (DemoError, ConfigError) as e:
         print(f"jaxpref demo: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ stage), and the plan checks (a DIR made with another plan is refused)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, judge_bins,
-                          judge_table, make_plan, run_demo, trainer_config, write_summary)
+                          judge_table, make_plan, reusable_stages, run_demo, trainer_config, write_summary)
 from test_train import run_jaxpref
 
 # The quick plan shrunk to seconds: the tiny preset, 32x32 images, a handful of rows and steps, one
@@ -123,6 +124,23 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     with pytest.raises(DemoError, match="made with the quick plan .* \\(the full plan\\)"):
         run_demo(str(out), quick=False, sets=SETS)
 
+    # --reuse: a new DIR with another DPO plan takes every stage but dpo, eval and the report from `out`
+    # (ppo reads sft and reward, not dpo); the copies are the same files
+    capsys.readouterr()
+    new = tmp_path / "dpo1"
+    r = run_demo(str(new), quick=True, sets=SETS + ["dpo.max_steps=1"], reuse=str(out))
+    printed = capsys.readouterr().out
+    ran = [st.name for st in STAGES if "reused_from" not in r["stages"][st.name]]
+    assert ran == ["dpo", "eval", "report"] and printed.count(f"reused from {out} (finished there in") == 6
+    for name in ("sft", "ppo"):
+        assert r["stages"][name] == {"seconds": s["stages"][name]["seconds"], "reused_from": str(out)}
+        assert (new / "runs" / name / "model.safetensors").read_bytes() == \
+            (out / "runs" / name / "model.safetensors").read_bytes()
+    assert r["tower"] == s["tower"] and json.loads((new / "summary.json").read_text())["stages"] == r["stages"]
+    assert [json.loads(line)["step"] for line in open(new / "runs" / "dpo" / "metrics.jsonl")][-1] == 1
+    assert r["dpo"]["num_prompts"] == 8 and (new / "report.md").exists()
+    assert f"(reused from `{out}`)" in (new / "report.md").read_text()
+
 
 def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, capsys):
     """Tested on a DIR whose summary.json records every stage as finished: nothing but the checks runs."""
@@ -155,6 +173,39 @@ def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, ca
     (other / "x").write_text("")
     with pytest.raises(DemoError, match="not a demo directory"):
         run_demo(str(other), quick=True, sets=SETS)
+
+
+def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_path):
+    demo = Demo(out=str(tmp_path / "a"), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
+    source = {"quick": True, "plan": demo.plan, "configs": config_fingerprints(demo),
+              "stages": {st.name: {"seconds": 1.0} for st in STAGES}}
+
+    def reusable(sets):
+        other = dataclasses.replace(demo, plan=make_plan(True, SETS + sets))
+        return reusable_stages(source, other.plan, config_fingerprints(other))
+
+    everything = [st.name for st in STAGES if st.name != "report"]  # the report is always rewritten
+    assert reusable([]) == everything
+    assert reusable(["ppo.kl_coef=0.1"]) == ["data", "tower", "pretrain", "sft", "reward", "dpo"]
+    assert reusable(["reward.max_steps=5"]) == ["data", "tower", "pretrain", "sft", "dpo"]
+    assert reusable(["sft.max_steps=5"]) == ["data", "tower", "pretrain"]
+    assert reusable(["tower.steps=5"]) == ["data"]
+    assert reusable(["data.eval_rows=4"]) == ["tower"]
+    assert reusable(["eval.num=4"]) == everything[:-1]
+    del source["stages"]["pretrain"]  # not finished there: nothing after it either
+    assert reusable([]) == ["data", "tower"]
+
+    # the source must be a demo, and not DIR itself; a stage's half-written outputs are not overwritten
+    with pytest.raises(DemoError, match="not a demo directory"):
+        run_demo(str(tmp_path / "b"), quick=True, sets=SETS, reuse=str(tmp_path))
+    write_summary(demo.out, source)
+    with pytest.raises(DemoError, match="that is --out itself"):
+        run_demo(demo.out, quick=True, sets=SETS, reuse=demo.out)
+    (tmp_path / "a" / "data").mkdir()
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    write_summary(str(tmp_path / "b"), {"quick": True, "plan": demo.plan, "configs": source["configs"], "stages": {}})
+    with pytest.raises(DemoError, match=r"b/data exists, but stage data is not finished"):
+        run_demo(str(tmp_path / "b"), quick=True, sets=SETS, reuse=demo.out)
 
 
 def test_plan_settings_and_trainer_configs():
