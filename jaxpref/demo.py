@@ -67,7 +67,8 @@ import numpy as np
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
-                 "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
+                 "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
+                 "corrected_fraction": 0.0, "seed": 0},
         "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
@@ -79,7 +80,8 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "quick": {
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
-                 "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3, "seed": 0},
+                 "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
+                 "corrected_fraction": 0.0, "seed": 0},
         "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
@@ -92,6 +94,9 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 DATA_KINDS = ("short", "sft", "preference", "prompt")
+# the `data` plan entries each dataset kind depends on (every other entry: all of them)
+DATA_SETTINGS = {"short": ("short_rows",), "sft": ("sft_rows", "sft_short_fraction"),
+                 "preference": ("preference_rows", "label_noise", "corrected_fraction"), "prompt": ("prompt_rows",)}
 METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
 NUM_EXAMPLES = 8  # held-out prompts in the example grid
 
@@ -186,7 +191,7 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
         return (f"{cfg.max_steps} {unit} from {cfg.model.name_or_path}{extra} on {cfg.data.dataset_name} "
                 f"-> {cfg.output_dir}{resumed}")
 
-    needs = ("data",) + tuple(s for s in (start, reward_model) if s is not None)
+    needs = (f"data/{data}",) + tuple(s for s in (start, reward_model) if s is not None)
     return Stage(name, run, describe, config, needs=needs, outputs=(os.path.join("runs", name),))
 
 
@@ -205,9 +210,12 @@ def stage_data(demo: Demo):
     from jaxpref.data.cli import write_shapes
 
     p = demo.plan["data"]
-    splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in DATA_KINDS}
+    reused = demo.summary.get("reused", {}).get("parts", [])  # kinds --reuse copied
+    splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in DATA_KINDS
+              if f"data/{kind}" not in reused}
     write_shapes(demo.path("data"), splits, seed=p["seed"], image_size=p["image_size"], label_noise=p["label_noise"],
-                 num_shards=4, command="jaxpref demo", sft_short_fraction=p["sft_short_fraction"])
+                 num_shards=4, command="jaxpref demo", sft_short_fraction=p["sft_short_fraction"],
+                 corrected_fraction=p["corrected_fraction"])
 
 
 def _describe_data(demo: Demo) -> str:
@@ -306,7 +314,8 @@ STAGES: list[Stage] = [
     trainer("reward", data="preference", start="sft"),
     trainer("dpo", data="preference", start="sft"),
     trainer("ppo", data="prompt", start="sft", reward_model="reward"),
-    Stage("eval", stage_eval, _describe_eval, needs=("data", "sft", "reward") + METHODS, outputs=("eval",),
+    Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "sft", "reward")
+          + METHODS, outputs=("eval",),
           results=("reward_model", "sft") + METHODS),
     Stage("report", stage_report, lambda demo: f"{demo.path('report.md')}, {demo.path('img')}/, "
                                                f"{demo.path('examples.html')}"),
@@ -441,12 +450,24 @@ def _get(plan: dict, key: str):
 
 
 def reusable_stages(source: dict, plan: dict, fingerprints: dict) -> list[str]:
-    """The stages of the demo whose summary.json is `source` that a run with `plan` and trainer-config
-    `fingerprints` may take as they are: finished there, with the same plan entries and config, and
-    every stage they need reusable too. The report, which reads everything, is always rewritten."""
+    """What of the demo whose summary.json is `source` a run with `plan` and trainer-config
+    `fingerprints` may take as it is: the stages finished there with the same plan entries and config
+    and everything they need reusable too, and the datasets ("data/<kind>") made with the same
+    settings (DATA_SETTINGS), so that e.g. a new preference set leaves the pretraining's short
+    questions reusable. The report, which reads everything, is always rewritten."""
     ok: list[str] = []
+    done = source.get("stages", {})
+    old, new = source.get("plan", {}).get("data", {}), plan.get("data", {})
+    if "data" in done:
+        own = {k for keys in DATA_SETTINGS.values() for k in keys}
+        common = [k for k in set(old) | set(new) if k not in own]
+        ok += [f"data/{kind}" for kind in DATA_KINDS
+               if all(old.get(k) == new.get(k) for k in common + list(DATA_SETTINGS[kind]))]
     for stage in STAGES:
-        if (stage.outputs and stage.name in source.get("stages", {})
+        if stage.name == "data":
+            if all(f"data/{kind}" in ok for kind in DATA_KINDS) and old == new:
+                ok.append("data")
+        elif (stage.outputs and stage.name in done
                 and source.get("plan", {}).get(stage.name) == plan.get(stage.name)
                 and source.get("configs", {}).get(stage.name) == fingerprints.get(stage.name)
                 and all(n in ok for n in stage.needs)):
@@ -461,15 +482,20 @@ def _link_or_copy(src: str, dst: str):
         shutil.copy2(src, dst)
 
 
+def _copy_from(demo: Demo, source: str, rel: str, part: str):
+    dst = demo.path(rel)
+    if os.path.exists(dst):
+        raise DemoError(f"--reuse {source}: {dst} exists, but {part} is not finished in {demo.out}: delete {dst} to "
+                        f"reuse {os.path.join(source, rel)}, or run without --reuse")
+    shutil.copytree(os.path.join(source, rel), dst, copy_function=_link_or_copy)
+    demo.summary["reused"]["parts"].append(part)
+
+
 def _reuse(demo: Demo, stage: Stage, source: str, source_summary: dict):
     """Copies (hard-links where it can) `stage`'s outputs from the demo in `source` into DIR and records
     the stage as finished there, with its time and results from `source`."""
     for rel in stage.outputs:
-        dst = demo.path(rel)
-        if os.path.exists(dst):
-            raise DemoError(f"--reuse {source}: {dst} exists, but stage {stage.name} is not finished in {demo.out}: "
-                            f"delete {dst} to reuse {os.path.join(source, rel)}, or run without --reuse")
-        shutil.copytree(os.path.join(source, rel), dst, copy_function=_link_or_copy)
+        _copy_from(demo, source, rel, stage.name)
     for key in stage.results:
         if key in source_summary:
             demo.summary[key] = copy.deepcopy(source_summary[key])
@@ -477,19 +503,15 @@ def _reuse(demo: Demo, stage: Stage, source: str, source_summary: dict):
                                           "reused_from": source}
 
 
-def _same_dir(a: str | None, b: str) -> bool:
-    return a is not None and os.path.abspath(a) == os.path.abspath(b)
-
-
 def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str | None = None,
              reuse: str | None = None) -> dict:
     """Runs every stage not finished yet (see the module docstring); returns summary.json's contents.
-    `reuse`: another demo's DIR; its finished stages that this plan would run the same way (same plan
-    entries and configs, and the same for every stage they need: `reusable_stages`) are copied instead
-    of run, e.g. to try other DPO or PPO settings without the ~80 min before them."""
+    `reuse`: another demo's DIR; what of it this plan would make the same way (`reusable_stages`: the
+    same plan entries and configs, for the stage and everything it reads) is copied instead of run,
+    e.g. to try other DPO or PPO settings without the ~80 min before them."""
     demo = Demo(out=out, plan=make_plan(quick, sets), quick=quick, configs=configs or default_configs_dir())
     fingerprints = config_fingerprints(demo)
-    source, reused = None, []
+    source, reusable = None, []
     if reuse is not None:
         if os.path.abspath(reuse) == os.path.abspath(out):
             raise DemoError(f"--reuse {reuse}: that is --out itself; re-running with the same --out already "
@@ -500,7 +522,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
             source = read_summary(reuse)
         except (OSError, json.JSONDecodeError) as e:
             raise DemoError(f"--reuse {reuse}: {summary_path(reuse)} unreadable ({e})") from None
-        reused = reusable_stages(source, demo.plan, fingerprints)
+        reusable = reusable_stages(source, demo.plan, fingerprints)
     demo.summary = summary = _open_summary(demo, fingerprints)
     write_summary(out, summary)
     for i, stage in enumerate(STAGES, 1):
@@ -509,14 +531,29 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
             print(f"{head}: finished in an earlier run ({_duration(summary['stages'][stage.name]['seconds'])}), "
                   f"skipping", flush=True)
             continue
-        # reused only when what it needs in DIR came from the same source (else they may differ)
-        if stage.name in reused and all(_same_dir(summary["stages"].get(n, {}).get("reused_from"), reuse)
-                                        for n in stage.needs):
-            _reuse(demo, stage, reuse, source)
-            write_summary(out, summary)
-            print(f"{head}: reused from {reuse} (finished there in "
-                  f"{_duration(summary['stages'][stage.name]['seconds'])})", flush=True)
-            continue
+        if reuse is not None:
+            record = summary.setdefault("reused", {"from": reuse, "parts": []})
+            if os.path.abspath(record["from"]) != os.path.abspath(reuse):
+                raise DemoError(f"--reuse {reuse}: {out} was started from {record['from']}; continue it with "
+                                f"--reuse {record['from']} or without --reuse")
+            parts = record["parts"]  # a stage is taken only when what it reads in DIR came from there too
+            if stage.name == "data":
+                for kind in DATA_KINDS:
+                    if f"data/{kind}" in reusable and f"data/{kind}" not in parts:
+                        _copy_from(demo, reuse, os.path.join("data", kind), f"data/{kind}")
+                write_summary(out, summary)
+            if stage.name in reusable and all(n in parts for n in stage.needs):
+                if stage.name == "data":  # every kind copied above
+                    summary["stages"]["data"] = {"seconds": source["stages"]["data"]["seconds"], "reused_from": reuse}
+                else:
+                    _reuse(demo, stage, reuse, source)
+                write_summary(out, summary)
+                print(f"{head}: reused from {reuse} (finished there in "
+                      f"{_duration(summary['stages'][stage.name]['seconds'])})", flush=True)
+                continue
+            if stage.name == "data" and parts:
+                print(f"{head}: reused from {reuse}: {', '.join(p for p in parts if p.startswith('data/'))}",
+                      flush=True)
         print(f"{head}: {stage.describe(demo)}", flush=True)
         t0 = time.perf_counter()
         result = dict(stage.run(demo) or {})

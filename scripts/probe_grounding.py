@@ -20,6 +20,8 @@ model is blind").
     # 6. are the image tokens local: each token's cosine to its image's mean token, and linear probes
     #    naming the kind / color / column of the shape on each token's patch
     python scripts/probe_grounding.py tokens runs/tower
+    # 7. does a reward model (or a policy) prefer the right fact to a wrong one, by question and scene size
+    python scripts/probe_grounding.py facts runs/shapes-rm --reward-model
 
 Tasks: `color` ("What color is the shape?" -> "red", one-shape scenes), `color-sentence` (-> "The shape
 is red."), `good-one` / `good-any` (the task's own prompts with good-tier answers, one-shape / 1-3-shape
@@ -283,6 +285,72 @@ def lookups(args) -> None:
           "; ".join(f"{n}x {k} {a!r} -> {s!r}" for (k, a, s), n in wrong.most_common(6)))
 
 
+def fact_pairs(num: int, seed: int = 7) -> list[dict]:
+    """Held-out task prompts (color, locate, count) as preference rows whose two answers differ in the
+    one fact asked: "It is red." over "It is blue.", "It is on the left." over "It is on the right.",
+    "There are two shapes." over "There are three shapes.". The wrong fact is another shape's where the
+    scene has one (the confusable answer: blue is in the scene, on another shape), else another value."""
+    rng = np.random.default_rng(seed)
+    cols = list(shapes.POSITION_PHRASES)
+    rows = []
+    while len(rows) < num:
+        scene = shapes.sample_scene(rng, "eval")
+        question = ("color", "locate", "count")[len(rows) % 3]
+        p = shapes.sample_prompt(scene, rng, question)
+        if question == "count":
+            n = sum(sh.kind == p.count_kind for sh in scene.shapes) if p.count_kind else len(scene.shapes)
+            wrong = int(rng.choice([m for m in range(1, 4) if m != n]))
+            noun = p.count_kind or "shape"
+            say = lambda m: f"There {'is' if m == 1 else 'are'} {shapes.NUMBER_WORDS[m]} {shapes._plural(m, noun)}."
+            right, other = say(n), say(wrong)
+        else:
+            t = scene.shapes[p.target]
+            key = "color" if question == "color" else "position"
+            values = list(shapes.COLORS) if question == "color" else cols
+            others = [getattr(sh, key) for sh in scene.shapes if getattr(sh, key) != getattr(t, key)]
+            wrong = others[int(rng.integers(len(others)))] if others else \
+                [v for v in values if v != getattr(t, key)][int(rng.integers(len(values) - 1))]
+            say = (lambda v: f"It is {v}.") if question == "color" else \
+                (lambda v: f"It is {shapes.POSITION_PHRASES[v][0]}.")
+            right, other = say(getattr(t, key)), say(wrong)
+        buf = io.BytesIO()
+        Image.fromarray(shapes.render(scene)).save(buf, "PNG")
+        rows.append({"images": [{"bytes": buf.getvalue()}], "prompt": p.text, "chosen": right, "rejected": other,
+                     "question": f"{question}, {len(scene.shapes)} shape{'s' if len(scene.shapes) > 1 else ''}"})
+    return rows
+
+
+def facts(args) -> None:
+    """Does a model tell the right fact from a wrong one on the task's own questions (`fact_pairs`)?
+    A reward model (--head scalar) by its scores, a policy by its answers' log-probabilities; with the
+    rows' own images and with other rows' (the language prior's share). What PPO's reward, or a
+    policy's likelihood, can see of the image."""
+    from collections import defaultdict
+
+    from jaxpref.train.dpo import reference_logps
+    from jaxpref.train.reward import rewards
+
+    model, params = load_pretrained(args.model, "float32", head="scalar" if args.reward_model else "lm")
+    processor = Processor(model.config, load_tokenizer(args.model), ProcessorConfig(kind="preference"))
+    score = jax.jit(lambda p, b: (rewards if args.reward_model else reference_logps)(p, b, model=model))
+    rows = fact_pairs(args.num)
+    hits = defaultdict(lambda: ([], []))
+    for start in range(0, len(rows) - 31, 32):
+        chunk = rows[start:start + 32]
+        b = {k: v for k, v in processor.collate([processor(r) for r in chunk]).items() if v.dtype != object}
+        for shuffled in (0, 1):
+            if shuffled:
+                b["pixel_values"] = np.roll(b["pixel_values"], 1, axis=0)
+            right, wrong = (np.asarray(x) for x in score(params, b))
+            for r, ok in zip(chunk, right > wrong):
+                hits[r["question"]][shuffled].append(bool(ok))
+                hits["all"][shuffled].append(bool(ok))
+    print(f"{'question':<18}{'pairs':>6}{'own image':>11}{'other image':>13}")
+    for key in sorted(hits, key=lambda k: (k == "all", k)):
+        own, other = hits[key]
+        print(f"{key:<18}{len(own):>6}{np.mean(own):>11.3f}{np.mean(other):>13.3f}")
+
+
 def tokens(args) -> None:
     """Are a model's image tokens (projected, as the decoder sees them) local? How alike each token is
     to its image's mean token (cosine; the mean of the image's tokens each scaled to unit length, so
@@ -372,6 +440,11 @@ def main():
     p.add_argument("model")
     p.add_argument("--num", type=int, default=1500, help="held-out short questions drawn (about 6/11 of them asked)")
     p.set_defaults(func=lookups)
+    p = sub.add_parser("facts", help="does a reward model or policy prefer the right fact to a wrong one?")
+    p.add_argument("model")
+    p.add_argument("--reward-model", action="store_true", help="MODEL is a reward model: compare its scores")
+    p.add_argument("--num", type=int, default=960, help="held-out pairs (a third each color, locate, count)")
+    p.set_defaults(func=facts)
     p = sub.add_parser("tokens", help="are the image tokens local? cosine to the mean token, per-patch linear probes")
     p.add_argument("model")
     p.add_argument("--num", type=int, default=2048, help="train scenes of the linear probes (512 held-out ones)")

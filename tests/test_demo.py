@@ -124,22 +124,30 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     with pytest.raises(DemoError, match="made with the quick plan .* \\(the full plan\\)"):
         run_demo(str(out), quick=False, sets=SETS)
 
-    # --reuse: a new DIR with another DPO plan takes every stage but dpo, eval and the report from `out`
-    # (ppo reads sft and reward, not dpo); the copies are the same files
+    # --reuse: a new DIR with corrections among the preference pairs regenerates that dataset only, takes
+    # the tower, pretrain and sft runs from `out` (the same files) and runs the rest
     capsys.readouterr()
-    new = tmp_path / "dpo1"
-    r = run_demo(str(new), quick=True, sets=SETS + ["dpo.max_steps=1"], reuse=str(out))
+    new = tmp_path / "corrected"
+    r = run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.5"], reuse=str(out))
     printed = capsys.readouterr().out
     ran = [st.name for st in STAGES if "reused_from" not in r["stages"][st.name]]
-    assert ran == ["dpo", "eval", "report"] and printed.count(f"reused from {out} (finished there in") == 6
-    for name in ("sft", "ppo"):
+    assert ran == ["data", "reward", "dpo", "ppo", "eval", "report"]
+    assert printed.count(f"reused from {out} (finished there in") == 3
+    assert f"[1/9] data: reused from {out}: data/short, data/sft, data/prompt" in printed
+    assert r["reused"] == {"from": str(out), "parts": ["data/short", "data/sft", "data/prompt", "tower", "pretrain",
+                                                       "sft"]}
+    for name in ("tower", "sft"):
         assert r["stages"][name] == {"seconds": s["stages"][name]["seconds"], "reused_from": str(out)}
         assert (new / "runs" / name / "model.safetensors").read_bytes() == \
             (out / "runs" / name / "model.safetensors").read_bytes()
     assert r["tower"] == s["tower"] and json.loads((new / "summary.json").read_text())["stages"] == r["stages"]
-    assert [json.loads(line)["step"] for line in open(new / "runs" / "dpo" / "metrics.jsonl")][-1] == 1
-    assert r["dpo"]["num_prompts"] == 8 and (new / "report.md").exists()
-    assert f"(reused from `{out}`)" in (new / "report.md").read_text()
+    for kind, same in (("short", True), ("preference", False)):
+        files = sorted(os.listdir(out / "data" / kind))
+        assert all(((new / "data" / kind / f).read_bytes() == (out / "data" / kind / f).read_bytes()) == same
+                   for f in files if f.startswith("train"))
+    assert r["ppo"]["num_prompts"] == 8 and f"(reused from `{out}`)" in (new / "report.md").read_text()
+    with pytest.raises(DemoError, match="was started from"):
+        run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.5"], reuse=str(tmp_path / "x"))
 
 
 def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, capsys):
@@ -184,16 +192,19 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
         other = dataclasses.replace(demo, plan=make_plan(True, SETS + sets))
         return reusable_stages(source, other.plan, config_fingerprints(other))
 
-    everything = [st.name for st in STAGES if st.name != "report"]  # the report is always rewritten
+    kinds = ["data/short", "data/sft", "data/preference", "data/prompt"]
+    everything = kinds + [st.name for st in STAGES if st.name != "report"]  # the report is always rewritten
     assert reusable([]) == everything
-    assert reusable(["ppo.kl_coef=0.1"]) == ["data", "tower", "pretrain", "sft", "reward", "dpo"]
-    assert reusable(["reward.max_steps=5"]) == ["data", "tower", "pretrain", "sft", "dpo"]
-    assert reusable(["sft.max_steps=5"]) == ["data", "tower", "pretrain"]
-    assert reusable(["tower.steps=5"]) == ["data"]
-    assert reusable(["data.eval_rows=4"]) == ["tower"]
+    assert reusable(["ppo.kl_coef=0.1"]) == kinds + ["data", "tower", "pretrain", "sft", "reward", "dpo"]
+    assert reusable(["reward.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "sft", "dpo"]
+    assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain"]
+    assert reusable(["tower.steps=5"]) == kinds + ["data"]
+    assert reusable(["data.eval_rows=4"]) == ["tower"]  # every dataset has an eval split
+    assert reusable(["data.label_noise=0.2"]) == ["data/short", "data/sft", "data/prompt", "tower", "pretrain", "sft"]
+    assert reusable(["data.sft_rows=64"]) == ["data/short", "data/preference", "data/prompt", "tower", "pretrain"]
     assert reusable(["eval.num=4"]) == everything[:-1]
     del source["stages"]["pretrain"]  # not finished there: nothing after it either
-    assert reusable([]) == ["data", "tower"]
+    assert reusable([]) == kinds + ["data", "tower"]
 
     # the source must be a demo, and not DIR itself; a stage's half-written outputs are not overwritten
     with pytest.raises(DemoError, match="not a demo directory"):
@@ -201,10 +212,9 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     write_summary(demo.out, source)
     with pytest.raises(DemoError, match="that is --out itself"):
         run_demo(demo.out, quick=True, sets=SETS, reuse=demo.out)
-    (tmp_path / "a" / "data").mkdir()
-    (tmp_path / "b" / "data").mkdir(parents=True)
+    (tmp_path / "b" / "data" / "short").mkdir(parents=True)
     write_summary(str(tmp_path / "b"), {"quick": True, "plan": demo.plan, "configs": source["configs"], "stages": {}})
-    with pytest.raises(DemoError, match=r"b/data exists, but stage data is not finished"):
+    with pytest.raises(DemoError, match=r"b/data/short exists, but data/short is not finished"):
         run_demo(str(tmp_path / "b"), quick=True, sets=SETS, reuse=demo.out)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape,
+from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape, corrected_pair,
                                  generate_split, judge, parse_claims, parse_prompt, render, responses,
                                  sample_prompt, sample_scene, scene_split)
 from jaxpref.data.tokenizer import SPECIAL_TOKENS, load_shapes_tokenizer, load_tokenizer
@@ -269,6 +269,44 @@ def test_short_questions_are_answered_from_the_scene_and_leave_the_other_rows_al
     assert _short_question_kinds([r for r, s in zip(mixed, short) if s]) == SHORT_KINDS_SEEN
     with pytest.raises(ValueError, match="short_fraction"):
         next(generate_split("preference", 1, 0, short_fraction=0.5))
+
+
+def test_corrections_differ_from_the_good_answer_in_the_asked_fact_only():
+    rng = np.random.default_rng(3)
+    made = {q: 0 for q in QUESTIONS}
+    for _ in range(400):
+        scene = sample_scene(rng, "train")
+        prompt = sample_prompt(scene, rng)
+        pair = corrected_pair(scene, prompt, rng)
+        if pair is None:
+            continue
+        right, wrong = pair
+        made[prompt.question] += 1
+        assert judge(scene, prompt.text, right) >= 0.9 and judge(scene, prompt.text, wrong) < 0.5, (prompt, pair)
+        if prompt.question in ("color", "locate"):  # the same words but the color or the column
+            a, b = right.split(), wrong.split()
+            assert len(a) - 2 <= len(b) <= len(a) + 2 and sum(x != y for x, y in zip(a, b)) <= 3, pair
+        if prompt.question == "color":  # the wrong color is another shape's where one can take it (no two
+            target = scene.shapes[prompt.target]  # shapes share kind and color)
+            others = {s.color for s in scene.shapes} - {s.color for s in scene.shapes if s.kind == target.kind}
+            said = [w.strip(".,") for w in wrong.lower().split() if w.strip(".,") in COLORS]
+            assert said and (not others or said[-1] in others), (scene, pair)
+    assert all(n >= 40 for n in made.values()), made  # every question type gets corrections
+
+
+def test_corrected_pairs_replace_that_fraction_of_pairs_and_leave_the_others_alone():
+    n, fraction = 600, 0.4
+    mixed = list(generate_split("preference", n, seed=4, image_size=16, label_noise=0.0, corrected_fraction=fraction))
+    plain = list(generate_split("preference", n, seed=4, image_size=16, label_noise=0.0))
+    assert [r["scene"] for r in mixed] == [r["scene"] for r in plain] and \
+        [r["prompt"] for r in mixed] == [r["prompt"] for r in plain]
+    changed = np.array([a != b for a, b in zip(mixed, plain)])
+    # drawn for `fraction` of the rows; a few draws find no edit the judge scores lower and keep the pair
+    assert fraction - 0.1 < np.mean(changed) <= fraction + 3.5 * math.sqrt(fraction * (1 - fraction) / n)
+    for r in (r for r, c in zip(mixed, changed) if c):
+        assert judge(r["scene"], r["prompt"], r["chosen"]) >= 0.9 > judge(r["scene"], r["prompt"], r["rejected"])
+    with pytest.raises(ValueError, match="corrected_fraction"):
+        next(generate_split("sft", 1, 0, corrected_fraction=0.5))
 
 
 SHORT_KINDS_SEEN = {"what color", "which shape", "is the", "what", "where", "how", "what shapes"}  # SHORT_TEMPLATES

@@ -2,7 +2,7 @@
 
     jaxpref data shapes --out DIR [--num-train N] [--num-eval N] [--num-shards K]
                         [--format parquet|array_record] [--image-size 64] [--label-noise 0.1]
-                        [--sft-short-fraction 0.3] [--seed 0]
+                        [--sft-short-fraction 0.3] [--corrected-fraction 0.0] [--seed 0]
     jaxpref data inspect PATH [--split S] [--rows 3] [--save-images DIR]
 """
 
@@ -17,6 +17,7 @@ import sys
 
 KINDS = ("preference", "prompt", "sft", "short")
 SHORT_FRACTION = 0.3  # of the sft train rows: short_question rows (see jaxpref.data.shapes)
+CORRECTED_FRACTION = 0.0  # of the preference train pairs: corrections (jaxpref.data.shapes.corrected_pair)
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +39,10 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                    help="fraction of the sft train rows that are short questions about the image ('Quick "
                         "question: what color is the shape on the left?' -> 'It is red.'), which teach the model "
                         f"to read it; the eval split has none (default: {SHORT_FRACTION})")
+    s.add_argument("--corrected-fraction", type=float, default=CORRECTED_FRACTION,
+                   help="fraction of the preference train pairs that are corrections: the good answer over "
+                        "the same words with the asked fact wrong ('It is red.' over 'It is blue.'), pairs only "
+                        f"the image can tell apart; the eval split has none (default: {CORRECTED_FRACTION})")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=run_shapes)
 
@@ -62,17 +67,19 @@ def run_shapes(args) -> int:
     if args.num_shards < 1:
         print(f"jaxpref data shapes: --num-shards must be >= 1, got {args.num_shards}", file=sys.stderr)
         return 2
-    if not 0 <= args.sft_short_fraction <= 1:
-        print(f"jaxpref data shapes: --sft-short-fraction must lie in [0, 1], got {args.sft_short_fraction}",
-              file=sys.stderr)
-        return 2
+    for name, value in (("--sft-short-fraction", args.sft_short_fraction),
+                        ("--corrected-fraction", args.corrected_fraction)):
+        if not 0 <= value <= 1:
+            print(f"jaxpref data shapes: {name} must lie in [0, 1], got {value}", file=sys.stderr)
+            return 2
     splits = [(split, n) for split, n in (("train", args.num_train), ("eval", args.num_eval)) if n]
     if not splits:
         print("jaxpref data shapes: --num-train and --num-eval are both 0: nothing to write", file=sys.stderr)
         return 2
     cards = write_shapes(args.out, {kind: splits for kind in KINDS}, seed=args.seed, image_size=args.image_size,
                          label_noise=args.label_noise, num_shards=args.num_shards, format=args.format,
-                         command=shapes_command(args), sft_short_fraction=args.sft_short_fraction)
+                         command=shapes_command(args), sft_short_fraction=args.sft_short_fraction,
+                         corrected_fraction=args.corrected_fraction)
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(shapes_card(args, cards))
     for kind, card in cards.items():
@@ -82,17 +89,19 @@ def run_shapes(args) -> int:
 
 
 def write_shapes(out: str, splits: dict, *, seed: int, image_size: int, label_noise: float, num_shards: int,
-                 command: str, format: str = "parquet", sft_short_fraction: float = 0.0) -> dict:
+                 command: str, format: str = "parquet", sft_short_fraction: float = 0.0,
+                 corrected_fraction: float = 0.0) -> dict:
     """The built-in task's datasets under one progress bar: for each kind of `splits` ({kind: [(split,
     rows), ...]}), out/<kind>/ holds those splits in at most `num_shards` shards; sft's train split mixes
-    in `sft_short_fraction` short questions. Returns {kind: card} (write_shards' dataset info)."""
+    in `sft_short_fraction` short questions, preference's train split `corrected_fraction` corrections.
+    Returns {kind: card} (write_shards' dataset info)."""
     from tqdm import tqdm
 
     from jaxpref.data.shapes import generate_split
     from jaxpref.data.writers import write_shards
 
     info = {"task": "shapes", "seed": seed, "image_size": image_size, "label_noise": label_noise,
-            "sft_short_fraction": sft_short_fraction, "command": command}
+            "sft_short_fraction": sft_short_fraction, "corrected_fraction": corrected_fraction, "command": command}
     cards = {}
     with tqdm(total=sum(n for kind_splits in splits.values() for _, n in kind_splits), unit="row",
               desc="shapes") as bar:
@@ -100,8 +109,9 @@ def write_shapes(out: str, splits: dict, *, seed: int, image_size: int, label_no
             for split, n in kind_splits:
                 bar.set_postfix_str(f"{kind}/{split}")
                 short = sft_short_fraction if (kind, split) == ("sft", "train") else 0.0
+                corrected = corrected_fraction if (kind, split) == ("preference", "train") else 0.0
                 rows = generate_split(kind, n, seed, image_size=image_size, label_noise=label_noise, split=split,
-                                      short_fraction=short)
+                                      short_fraction=short, corrected_fraction=corrected)
                 cards[kind] = write_shards(_counted(rows, bar), os.path.join(out, kind),
                                            num_shards=min(num_shards, n), format=format, split=split,
                                            info={**info, "kind": kind})
@@ -118,7 +128,8 @@ def shapes_command(args) -> str:
     return shlex.join(["jaxpref", "data", "shapes", "--out", args.out, "--num-train", str(args.num_train),
                        "--num-eval", str(args.num_eval), "--num-shards", str(args.num_shards), "--format",
                        args.format, "--image-size", str(args.image_size), "--label-noise", str(args.label_noise),
-                       "--sft-short-fraction", str(args.sft_short_fraction), "--seed", str(args.seed)])
+                       "--sft-short-fraction", str(args.sft_short_fraction), "--corrected-fraction",
+                       str(args.corrected_fraction), "--seed", str(args.seed)])
 
 
 def shapes_card(args, cards: dict) -> str:

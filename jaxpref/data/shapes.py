@@ -742,17 +742,87 @@ def short_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 PAIR_TIERS = [(a, b) for i, a in enumerate(TIERS) for b in TIERS[i + 1:]]  # 6 pairs, easy and hard
 
 
+def _with_shape(scene: Scene, i: int, **changes) -> tuple[Scene, int] | None:
+    """`scene` with shape i changed (re-sorted by column; a shape already in the new column takes shape
+    i's old one) and shape i's new index; None when the result is not a valid scene."""
+    shapes = list(scene.shapes)
+    new = dataclasses.replace(shapes[i], **changes)
+    if "position" in changes:
+        shapes = [dataclasses.replace(t, position=shapes[i].position) if t.position == new.position else t
+                  for t in shapes]
+    shapes[i] = new
+    order = sorted(range(len(shapes)), key=lambda j: POSITIONS.index(shapes[j].position))
+    try:
+        return Scene(tuple(shapes[j] for j in order)), order.index(i)
+    except ValueError:
+        return None
+
+
+def _wrong_fact(scene: Scene, prompt: Prompt, rng: np.random.Generator) -> tuple[Scene, Prompt] | None:
+    """A scene that differs from `scene` in the one fact `prompt` asks about (its target's color or
+    column; for a count, one shape more or fewer; for a description, one shape's color), the wrong value
+    taken from another shape where the scene has one; with the prompt's target re-indexed."""
+    n = len(scene.shapes)
+    if prompt.question == "count":
+        free = [p for p in POSITIONS if p not in {t.position for t in scene.shapes}]
+        counted = [j for j, t in enumerate(scene.shapes) if prompt.count_kind in (None, t.kind)]
+        if free and (len(counted) == 1 or rng.random() < 0.5):  # one more shape of the counted kind
+            kind = prompt.count_kind or KINDS[int(rng.integers(len(KINDS)))]
+            colors = [c for c in COLORS if (kind, c) not in {(t.kind, t.color) for t in scene.shapes}]
+            extra = Shape(kind, colors[int(rng.integers(len(colors)))], free[int(rng.integers(len(free)))],
+                          SIZES[int(rng.integers(len(SIZES)))])
+            shapes = sorted(scene.shapes + (extra,), key=lambda t: POSITIONS.index(t.position))
+            return Scene(tuple(shapes)), prompt
+        if len(counted) < 2:
+            return None
+        drop = counted[int(rng.integers(len(counted)))]  # one fewer (at least one stays)
+        return Scene(tuple(t for j, t in enumerate(scene.shapes) if j != drop)), prompt
+    i = prompt.target if prompt.question in ("color", "locate") else int(rng.integers(n))
+    if prompt.question == "locate":
+        others = [t.position for t in scene.shapes if t.position != scene.shapes[i].position]
+        options = others or [p for p in POSITIONS if p != scene.shapes[i].position]
+        changed = _with_shape(scene, i, position=options[int(rng.integers(len(options)))])
+    else:  # color, describe
+        t = scene.shapes[i]
+        taken = {u.color for u in scene.shapes if u.kind == t.kind}
+        others = [u.color for u in scene.shapes if u.color not in taken]
+        options = others or [c for c in COLORS if c not in taken]
+        changed = _with_shape(scene, i, color=options[int(rng.integers(len(options)))])
+    if changed is None:
+        return None
+    wrong, j = changed
+    return wrong, dataclasses.replace(prompt, target=j if prompt.target is not None else None)
+
+
+def corrected_pair(scene: Scene, prompt: Prompt, rng: np.random.Generator) -> tuple[str, str] | None:
+    """(chosen, rejected): the good-tier answer and the same answer, in the same words, with the one fact
+    the prompt asks about wrong (`_wrong_fact`): RLHF-V's fine-grained corrections, pairs that only
+    the image can tell apart. None when no such edit exists or the judge does not score it lower."""
+    changed = _wrong_fact(scene, prompt, rng)
+    if changed is None:
+        return None
+    seed = int(rng.integers(2 ** 31))  # the same draws for both answers: the same template and words
+    right = responses(scene, prompt, np.random.default_rng(seed))["good"]
+    wrong = responses(*changed, np.random.default_rng(seed))["good"]
+    if right == wrong or judge(scene, prompt, wrong) >= judge(scene, prompt, right):
+        return None
+    return right, wrong
+
+
 def _image_column(scene: Scene, image_size: int) -> list[dict]:
     return [{"bytes": encode_png(render(scene, image_size)), "path": None}]
 
 
 def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_noise: float = 0.1,
-                   split: str = "train", short_fraction: float = 0.0) -> Iterator[dict]:
+                   split: str = "train", short_fraction: float = 0.0,
+                   corrected_fraction: float = 0.0) -> Iterator[dict]:
     """`num` rows of one dataset in TRL's schema (plain-text prompts), deterministic for (kind, seed, split).
 
     kind "preference": images, prompt, chosen, rejected, scene. The pair's tiers are drawn
       uniformly from PAIR_TIERS (resampled until the judge scores them differently); chosen is the
-      higher-scored one, then chosen/rejected are swapped with probability label_noise.
+      higher-scored one, then chosen/rejected are swapped with probability label_noise. With
+      corrected_fraction > 0, that fraction of the pairs (in expectation) is a correction instead
+      (corrected_pair: the good answer over itself with the asked fact wrong), noised the same way.
     kind "prompt": images, prompt, scene (for PPO/GRPO).
     kind "sft": images, prompt, completion, scene; the completion's tier is uniform over TIERS. With
       short_fraction > 0, that fraction of the rows (in expectation) is a short_question instead.
@@ -771,8 +841,11 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
     if not 0 <= short_fraction <= 1 or (short_fraction and kind != "sft"):
         raise ValueError(f"short_fraction must lie in [0, 1] and is for kind 'sft' only, got {short_fraction} "
                          f"for kind {kind!r}")
+    if not 0 <= corrected_fraction <= 1 or (corrected_fraction and kind != "preference"):
+        raise ValueError(f"corrected_fraction must lie in [0, 1] and is for kind 'preference' only, got "
+                         f"{corrected_fraction} for kind {kind!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind)])
-    # a separate stream, so that short_fraction=0 writes exactly the rows it always has
+    # a separate stream, so that short_fraction=0 (corrected_fraction=0) writes exactly the rows it always has
     short_rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind), 1])
     for _ in range(num):
         scene = sample_scene(rng, split)
@@ -793,6 +866,8 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
                 (sa, a), (sb, b) = sorted(((judge(scene, prompt, texts[t]), texts[t]) for t in tiers), reverse=True)
                 if sa != sb:
                     break
+            if corrected_fraction and short_rng.random() < corrected_fraction:
+                a, b = corrected_pair(scene, prompt, short_rng) or (a, b)
             row["chosen"], row["rejected"] = (b, a) if rng.random() < label_noise else (a, b)
         row["scene"] = scene.to_json()
         yield row
