@@ -68,7 +68,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
                  "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
-                 "corrected_fraction": 0.0, "seed": 0},
+                 "corrected_fraction": 0.5, "seed": 0},
         "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
@@ -81,7 +81,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
                  "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
-                 "corrected_fraction": 0.0, "seed": 0},
+                 "corrected_fraction": 0.5, "seed": 0},
         "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},

@@ -124,11 +124,11 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     with pytest.raises(DemoError, match="made with the quick plan .* \\(the full plan\\)"):
         run_demo(str(out), quick=False, sets=SETS)
 
-    # --reuse: a new DIR with corrections among the preference pairs regenerates that dataset only, takes
+    # --reuse: a new DIR without corrections among the preference pairs regenerates that dataset only, takes
     # the tower, pretrain and sft runs from `out` (the same files) and runs the rest
     capsys.readouterr()
-    new = tmp_path / "corrected"
-    r = run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.5"], reuse=str(out))
+    new = tmp_path / "plain"
+    r = run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.0"], reuse=str(out))
     printed = capsys.readouterr().out
     ran = [st.name for st in STAGES if "reused_from" not in r["stages"][st.name]]
     assert ran == ["data", "reward", "dpo", "ppo", "eval", "report"]
@@ -147,7 +147,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
                    for f in files if f.startswith("train"))
     assert r["ppo"]["num_prompts"] == 8 and f"(reused from `{out}`)" in (new / "report.md").read_text()
     with pytest.raises(DemoError, match="was started from"):
-        run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.5"], reuse=str(tmp_path / "x"))
+        run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.0"], reuse=str(tmp_path / "x"))
 
 
 def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, capsys):

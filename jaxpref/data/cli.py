@@ -2,7 +2,7 @@
 
     jaxpref data shapes --out DIR [--num-train N] [--num-eval N] [--num-shards K]
                         [--format parquet|array_record] [--image-size 64] [--label-noise 0.1]
-                        [--sft-short-fraction 0.3] [--corrected-fraction 0.0] [--seed 0]
+                        [--sft-short-fraction 0.3] [--corrected-fraction 0.5] [--seed 0]
     jaxpref data inspect PATH [--split S] [--rows 3] [--save-images DIR]
 """
 
@@ -17,7 +17,7 @@ import sys
 
 KINDS = ("preference", "prompt", "sft", "short")
 SHORT_FRACTION = 0.3  # of the sft train rows: short_question rows (see jaxpref.data.shapes)
-CORRECTED_FRACTION = 0.0  # of the preference train pairs: corrections (jaxpref.data.shapes.corrected_pair)
+CORRECTED_FRACTION = 0.5  # of the preference train pairs: corrections (jaxpref.data.shapes.corrected_pair)
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
