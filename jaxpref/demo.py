@@ -220,7 +220,8 @@ def stage_data(demo: Demo):
 
 def _describe_data(demo: Demo) -> str:
     p = demo.plan["data"]
-    rows = ", ".join(f"{k} {p[f'{k}_rows']}" for k in DATA_KINDS)
+    reused = demo.summary.get("reused", {}).get("parts", [])
+    rows = ", ".join(f"{k} {p[f'{k}_rows']}" for k in DATA_KINDS if f"data/{k}" not in reused)
     return f"train rows {rows}; {p['eval_rows']} eval rows each -> {demo.path('data')}"
 
 

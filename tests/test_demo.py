@@ -133,7 +133,8 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     ran = [st.name for st in STAGES if "reused_from" not in r["stages"][st.name]]
     assert ran == ["data", "reward", "dpo", "ppo", "eval", "report"]
     assert printed.count(f"reused from {out} (finished there in") == 3
-    assert f"[1/9] data: reused from {out}: data/short, data/sft, data/prompt" in printed
+    assert f"[1/9] data: reused from {out}: data/short, data/sft, data/prompt\n[1/9] data: train rows preference 32; " \
+           f"8 eval rows each" in printed
     assert r["reused"] == {"from": str(out), "parts": ["data/short", "data/sft", "data/prompt", "tower", "pretrain",
                                                        "sft"]}
     for name in ("tower", "sft"):
