@@ -316,7 +316,8 @@ def fact_pairs(num: int, seed: int = 7) -> list[dict]:
         buf = io.BytesIO()
         Image.fromarray(shapes.render(scene)).save(buf, "PNG")
         rows.append({"images": [{"bytes": buf.getvalue()}], "prompt": p.text, "chosen": right, "rejected": other,
-                     "question": f"{question}, {len(scene.shapes)} shape{'s' if len(scene.shapes) > 1 else ''}"})
+                     "question": f"{question}, {len(scene.shapes)} shape{'s' if len(scene.shapes) > 1 else ''}",
+                     "scene": scene.to_json()})
     return rows
 
 

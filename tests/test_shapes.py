@@ -403,3 +403,16 @@ def test_tokenizer_training_script_is_deterministic():
     a, b = script.train(60), script.train(60)
     assert a.to_str() == b.to_str() and a.get_vocab_size() <= 1024
     assert [a.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+
+
+def test_the_facts_probe_pairs_differ_in_the_asked_fact_and_the_judge_agrees():
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "probe_grounding.py")
+    spec = importlib.util.spec_from_file_location("probe_grounding", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.fact_pairs(90)
+    assert {r["question"].split(",")[0] for r in rows} == {"color", "locate", "count"}
+    for r in rows:
+        scene = Scene.from_json(r["scene"])
+        assert scene_split(scene) == "eval" and r["chosen"] != r["rejected"]
+        assert judge(scene, r["prompt"], r["chosen"]) == 1.0 > judge(scene, r["prompt"], r["rejected"]), r
