@@ -961,10 +961,13 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
              f"with their own images and {image['nll_shuffled']:.4f} with other rows' (a gap of {image['gap']:.4f} "
              f"nats: {'it reads the image' if image['gap'] > 0.01 else 'it barely reads the image'})."
              if image else "")
+    corrected = summary["plan"]["data"].get("corrected_fraction") or 0
+    pairs = (f"noisy preference pairs, {corrected:.0%} of them corrections that only the image tells apart"
+             if corrected else "noisy preference pairs")
     quick = (" This is the quick plan: short runs that show the pipeline working end to end; its numbers are noisy "
              "and say little about what the methods can reach." if summary["quick"] else "")
     return (f"This run trained {start} on the built-in shapes task with SFT ({steps['sft']} steps), then a reward "
-            f"model on noisy preference pairs ({steps['reward']} steps; held-out accuracy {_f(rm['accuracy'])} against "
+            f"model on {pairs} ({steps['reward']} steps; held-out accuracy {_f(rm['accuracy'])} against "
             f"the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and {_f(rm.get('gold_accuracy'))} against "
             f"the gold judge), and tuned the SFT policy with DPO ({steps['dpo']} steps) and PPO ({steps['ppo']} "
             f"iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "

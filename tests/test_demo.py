@@ -75,6 +75,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     for x in numbers:
         assert f"{x:.3f}" in report, x
     assert f"{image['nll_real']:.4f} with their own images and {image['nll_shuffled']:.4f}" in report
+    assert "noisy preference pairs, 50% of them corrections" in report
     # the judge's scores before and after: the eval stage's win-rates again, counted per question type
     judges = judge_table({m: [json.loads(line) for line in open(out / "eval" / m / "samples.jsonl")]
                           for m in ("dpo", "ppo")})
@@ -147,6 +148,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
         assert all(((new / "data" / kind / f).read_bytes() == (out / "data" / kind / f).read_bytes()) == same
                    for f in files if f.startswith("train"))
     assert r["ppo"]["num_prompts"] == 8 and f"(reused from `{out}`)" in (new / "report.md").read_text()
+    assert "model on noisy preference pairs (3 steps" in (new / "report.md").read_text()
     with pytest.raises(DemoError, match="was started from"):
         run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.0"], reuse=str(tmp_path / "x"))
 
