@@ -525,6 +525,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
             raise DemoError(f"--reuse {reuse}: {summary_path(reuse)} unreadable ({e})") from None
         reusable = reusable_stages(source, demo.plan, fingerprints)
     demo.summary = summary = _open_summary(demo, fingerprints)
+    started = summary.get("reused", {}).get("from")
+    if reuse is not None and started is not None and os.path.abspath(started) != os.path.abspath(reuse):
+        raise DemoError(f"--reuse {reuse}: {out} was started from {started}; continue it with --reuse {started} "
+                        f"or without --reuse")
     write_summary(out, summary)
     for i, stage in enumerate(STAGES, 1):
         head = f"[{i}/{len(STAGES)}] {stage.name}"
@@ -533,11 +537,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
                   f"skipping", flush=True)
             continue
         if reuse is not None:
-            record = summary.setdefault("reused", {"from": reuse, "parts": []})
-            if os.path.abspath(record["from"]) != os.path.abspath(reuse):
-                raise DemoError(f"--reuse {reuse}: {out} was started from {record['from']}; continue it with "
-                                f"--reuse {record['from']} or without --reuse")
-            parts = record["parts"]  # a stage is taken only when what it reads in DIR came from there too
+            # a stage is taken only when what it reads in DIR came from there too
+            parts = summary.setdefault("reused", {"from": reuse, "parts": []})["parts"]
             if stage.name == "data":
                 for kind in DATA_KINDS:
                     if f"data/{kind}" in reusable and f"data/{kind}" not in parts:

@@ -149,8 +149,10 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
                    for f in files if f.startswith("train"))
     assert r["ppo"]["num_prompts"] == 8 and f"(reused from `{out}`)" in (new / "report.md").read_text()
     assert "model on noisy preference pairs (3 steps" in (new / "report.md").read_text()
+    (tmp_path / "copy").mkdir()  # another source for the same DIR is refused
+    (tmp_path / "copy" / "summary.json").write_text((out / "summary.json").read_text())
     with pytest.raises(DemoError, match="was started from"):
-        run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.0"], reuse=str(tmp_path / "x"))
+        run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.0"], reuse=str(tmp_path / "copy"))
 
 
 def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, capsys):
