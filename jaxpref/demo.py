@@ -210,18 +210,21 @@ def stage_data(demo: Demo):
     from jaxpref.data.cli import write_shapes
 
     p = demo.plan["data"]
-    reused = demo.summary.get("reused", {}).get("parts", [])  # kinds --reuse copied
-    splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in DATA_KINDS
-              if f"data/{kind}" not in reused}
+    splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in _kinds_to_write(demo)}
     write_shapes(demo.path("data"), splits, seed=p["seed"], image_size=p["image_size"], label_noise=p["label_noise"],
                  num_shards=4, command="jaxpref demo", sft_short_fraction=p["sft_short_fraction"],
                  corrected_fraction=p["corrected_fraction"])
 
 
+def _kinds_to_write(demo: Demo) -> list[str]:
+    """The dataset kinds the data stage generates: all but those --reuse copied."""
+    reused = demo.summary.get("reused", {}).get("parts", [])
+    return [kind for kind in DATA_KINDS if f"data/{kind}" not in reused]
+
+
 def _describe_data(demo: Demo) -> str:
     p = demo.plan["data"]
-    reused = demo.summary.get("reused", {}).get("parts", [])
-    rows = ", ".join(f"{k} {p[f'{k}_rows']}" for k in DATA_KINDS if f"data/{k}" not in reused)
+    rows = ", ".join(f"{k} {p[f'{k}_rows']}" for k in _kinds_to_write(demo))
     return f"train rows {rows}; {p['eval_rows']} eval rows each -> {demo.path('data')}"
 
 
@@ -308,7 +311,7 @@ def stage_report(demo: Demo):
 
 # The pipeline. A new stage is one entry here (and, if it has settings, an entry in each plan).
 STAGES: list[Stage] = [
-    Stage("data", stage_data, _describe_data, outputs=("data",)),
+    Stage("data", stage_data, _describe_data, outputs=tuple(f"data/{kind}" for kind in DATA_KINDS)),
     Stage("tower", stage_tower, _describe_tower, outputs=(os.path.join("runs", "tower"),), results=("tower",)),
     trainer("sft", name="pretrain", data="short", start="tower"),
     trainer("sft", data="sft", start="pretrain"),
@@ -466,7 +469,7 @@ def reusable_stages(source: dict, plan: dict, fingerprints: dict) -> list[str]:
                if all(old.get(k) == new.get(k) for k in common + list(DATA_SETTINGS[kind]))]
     for stage in STAGES:
         if stage.name == "data":
-            if all(f"data/{kind}" in ok for kind in DATA_KINDS) and old == new:
+            if all(part in ok for part in stage.outputs):  # every entry of the plan's `data` is the same
                 ok.append("data")
         elif (stage.outputs and stage.name in done
                 and source.get("plan", {}).get(stage.name) == plan.get(stage.name)
@@ -539,10 +542,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
         if reuse is not None:
             # a stage is taken only when what it reads in DIR came from there too
             parts = summary.setdefault("reused", {"from": reuse, "parts": []})["parts"]
-            if stage.name == "data":
-                for kind in DATA_KINDS:
-                    if f"data/{kind}" in reusable and f"data/{kind}" not in parts:
-                        _copy_from(demo, reuse, os.path.join("data", kind), f"data/{kind}")
+            if stage.name == "data":  # dataset by dataset: each output is its own part
+                for part in stage.outputs:
+                    if part in reusable and part not in parts:
+                        _copy_from(demo, reuse, part, part)
                 write_summary(out, summary)
             if stage.name in reusable and all(n in parts for n in stage.needs):
                 if stage.name == "data":  # every kind copied above
