@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape, corrected_pair,
-                                 generate_split, judge, parse_claims, parse_prompt, render, responses,
+from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape,
+                                 corrected_pair, generate_split, judge, parse_claims, parse_prompt, render, responses,
                                  sample_prompt, sample_scene, scene_split)
 from jaxpref.data.tokenizer import SPECIAL_TOKENS, load_shapes_tokenizer, load_tokenizer
 
@@ -395,22 +395,24 @@ def test_load_tokenizer_from_a_saved_directory(tmp_path):
         load_tokenizer("google/paligemma-3b-pt-224")
 
 
-def test_tokenizer_training_script_is_deterministic():
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "train_shapes_tokenizer.py")
-    spec = importlib.util.spec_from_file_location("train_shapes_tokenizer", path)
+def _script(name: str):
+    """scripts/<name>.py as a module."""
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_tokenizer_training_script_is_deterministic():
+    script = _script("train_shapes_tokenizer")
     a, b = script.train(60), script.train(60)
     assert a.to_str() == b.to_str() and a.get_vocab_size() <= 1024
     assert [a.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
 
 
 def test_the_facts_probe_pairs_differ_in_the_asked_fact_and_the_judge_agrees():
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "probe_grounding.py")
-    spec = importlib.util.spec_from_file_location("probe_grounding", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    rows = script.fact_pairs(90)
+    rows = _script("probe_grounding").fact_pairs(90)
     assert {r["question"].split(",")[0] for r in rows} == {"color", "locate", "count"}
     for r in rows:
         scene = Scene.from_json(r["scene"])
