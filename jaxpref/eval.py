@@ -126,6 +126,33 @@ def evaluate(args: EvalArgs, progress: bool = True) -> dict:
     return {"metrics": summarize(samples), "samples": samples, "args": dataclasses.asdict(args)}
 
 
+def evaluate_best_of_n(args: EvalArgs, n: int, progress: bool = True) -> dict:
+    """best_of_n with the models and rows `args` names: {"curve", "samples", "args"}."""
+    mesh = make_mesh(1, -1, 1)
+    policy = _load(args.policy, "lm", mesh, "--policy")
+    reference = _load(args.reference, "lm", mesh, "--reference")
+    if reference[0].config != policy[0].config:
+        raise ValueError(f"--reference {args.reference} is not the policy's architecture")
+    rm = _load(args.reward_model, "scalar", mesh, "--reward-model") if args.reward_model else None
+    rows = list(_rows(args))
+    if not rows:
+        raise ValueError(f"{args.data} split {args.split!r} has no rows")
+    out = best_of_n(policy, reference, rm, rows, load_tokenizer(args.tokenizer or args.policy), args, n, progress)
+    return {**out, "args": dataclasses.asdict(args)}
+
+
+def format_curve(curve: list[dict]) -> str:
+    """best_of_n_curve as a table, one line per k."""
+    cols = [("k", "k"), ("kl_bound", "KL bound"), ("oracle_win_rate", "win (judge picks)"),
+            ("oracle_judge_score", "judge score"), ("rm_pick_win_rate", "win (RM picks)"),
+            ("rm_pick_judge_score", "judge score"), ("rm_pick_reward_win_rate", "RM's own win")]
+    cols = [(k, h) for k, h in cols if k in curve[0]]
+    lines = ["  ".join(f"{h:>17}" for _, h in cols)]
+    for p in curve:
+        lines.append("  ".join(f"{p[k]:>17}" if k == "k" else f"{p[k]:>17.3f}" for k, _ in cols))
+    return "\n".join(lines)
+
+
 def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: EvalArgs,
             progress: bool = False) -> list[dict]:
     """Samples a response from each of `policy` and `reference` ((VLM, params) pairs) for every row
@@ -147,15 +174,8 @@ def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: 
         examples += [examples[0]] * (bs - len(examples))  # static batch shape; extra rows are dropped below
         batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
         row_ids = np.arange(start, start + bs, dtype=np.int32)
-        out = {}
-        for name, (model, params) in (("policy", policy), ("reference", reference)):
-            g = generate(model, params, pixel_values=batch["pixel_values"], input_ids=batch["prompt_ids"],
-                         attention_mask=batch["prompt_mask"], max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, greedy=args.greedy, eos_token_id=cfg.eos_token_id,
-                         pad_token_id=cfg.pad_token_id, rng=rng, row_ids=row_ids)
-            tokens, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
-            mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
-            out[name] = {"tokens": tokens, "mask": mask, "lengths": lengths}
+        out = {name: _sample(model, params, batch, args, rng, row_ids)
+               for name, (model, params) in (("policy", policy), ("reference", reference))}
         t, m = out["policy"]["tokens"], out["policy"]["mask"]
         kl = np.asarray(_completion_logps(policy[0], policy[1], batch, t, m)
                         - _completion_logps(reference[0], reference[1], batch, t, m))
@@ -166,8 +186,7 @@ def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: 
         for i, row in enumerate(chunk):
             s = {"index": start + i, "prompt": _prompt_text(row.get("prompt")), "kl": float(kl[i])}
             for name in out:
-                ids = [int(x) for x in out[name]["tokens"][i, :out[name]["lengths"][i]] if int(x) != cfg.eos_token_id]
-                s[name] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                s[name] = _decode(tokenizer, cfg.eos_token_id, out[name]["tokens"][i], out[name]["lengths"][i])
                 s[f"{name}_length"] = int(out[name]["lengths"][i])
                 if "reward" in out[name]:
                     s[f"{name}_reward"] = float(out[name]["reward"][i])
@@ -179,6 +198,106 @@ def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: 
         bar.update(len(chunk))
     bar.close()
     return samples
+
+
+def _sample(model: VLM, params, batch, args: EvalArgs, rng, row_ids) -> dict:
+    """One sampled response per row of a collated prompt batch: tokens, mask, lengths (numpy)."""
+    cfg = model.config
+    g = generate(model, params, pixel_values=batch["pixel_values"], input_ids=batch["prompt_ids"],
+                 attention_mask=batch["prompt_mask"], max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, greedy=args.greedy, eos_token_id=cfg.eos_token_id,
+                 pad_token_id=cfg.pad_token_id, rng=rng, row_ids=row_ids)
+    tokens, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
+    mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    return {"tokens": tokens, "mask": mask, "lengths": lengths}
+
+
+def _decode(tokenizer, eos_token_id: int, tokens, length) -> str:
+    return tokenizer.decode([int(x) for x in tokens[:length] if int(x) != eos_token_id], skip_special_tokens=True).strip()
+
+
+def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args: EvalArgs, n: int,
+              progress: bool = False) -> dict:
+    """Best-of-n sampling from `policy` against one sample of `reference` per row, the standard
+    yardstick of what preference tuning can reach from a model: the reference samples with
+    `args.seed` (as `compare` does), the policy draws n candidates with seeds seed+1 ... seed+n, and
+    the gold judge scores all (rows need a `scene`), the reward model too when given. Returns
+    {"curve": best_of_n_curve(...), "samples": [...]}: per row the reference's response and the n
+    candidates with their scores."""
+    from tqdm import tqdm
+
+    from jaxpref.data.shapes import judge
+
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    if any("scene" not in r for r in rows):
+        raise ValueError("best-of-n needs the gold judge: every row must have a `scene` (the built-in task's data)")
+    cfg = policy[0].config
+    processor = Processor(cfg, tokenizer, ProcessorConfig(kind="prompt", max_prompt_length=args.max_prompt_length,
+                                                          max_length=None, length_buckets=args.length_buckets))
+    bs, samples = args.batch_size, []
+    bar = tqdm(total=len(rows) * (n + 1), desc=f"best-of-{n}", unit="sample", disable=not progress)
+    for start in range(0, len(rows), bs):
+        chunk = rows[start:start + bs]
+        examples = [processor(r) for r in chunk]
+        examples += [examples[0]] * (bs - len(examples))
+        batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
+        row_ids = np.arange(start, start + bs, dtype=np.int32)
+        drawn = [_sample(*reference, batch, args, jax.random.key(args.seed), row_ids)]
+        bar.update(len(chunk))
+        for j in range(n):
+            drawn.append(_sample(*policy, batch, args, jax.random.key(args.seed + 1 + j), row_ids))
+            bar.update(len(chunk))
+        if reward_model is not None:
+            for d in drawn:
+                d["reward"] = np.asarray(_reward(reward_model[0], reward_model[1], batch, d["tokens"], d["mask"]))
+        for i, row in enumerate(chunk):
+            prompt = _prompt_text(row.get("prompt"))
+            texts = [_decode(tokenizer, cfg.eos_token_id, d["tokens"][i], d["lengths"][i]) for d in drawn]
+            s = {"index": start + i, "prompt": prompt, "scene": row["scene"], "reference": texts[0],
+                 "reference_judge": judge(row["scene"], prompt, texts[0]), "candidates": texts[1:],
+                 "candidate_judge": [judge(row["scene"], prompt, t) for t in texts[1:]]}
+            if reward_model is not None:
+                s["reference_reward"] = float(drawn[0]["reward"][i])
+                s["candidate_reward"] = [float(d["reward"][i]) for d in drawn[1:]]
+            samples.append(s)
+    bar.close()
+    curve = best_of_n_curve(
+        np.array([s["reference_judge"] for s in samples]), np.array([s["candidate_judge"] for s in samples]),
+        np.array([s["candidate_reward"] for s in samples]) if reward_model is not None else None,
+        np.array([s["reference_reward"] for s in samples]) if reward_model is not None else None)
+    return {"curve": curve, "samples": samples}
+
+
+def best_of_n_curve(reference_judge, candidate_judge, candidate_reward=None, reference_reward=None) -> list[dict]:
+    """For k = 1, 2, 4, ... up to n (and n itself): the best of each row's first k candidates
+    (float[rows, n] scores), chosen by the gold judge (`oracle_*`: what tuning against a perfect
+    reward can reach at this KL) and, with `candidate_reward`, by the reward model (`rm_pick_*`: what
+    that reward model can buy), each scored by the judge against the reference (win-rate, ties 1/2)
+    and by its mean judge score; `rm_pick_reward_win_rate`: the reward model's own verdict on its pick
+    against the reference's reward. kl_bound = log k - (k-1)/k, the KL of best-of-k sampling to the sampler (an
+    upper bound, exact when the k scores differ; Beirami et al. 2024). Ties in the choice go to the
+    first candidate."""
+    ref = np.asarray(reference_judge, float)
+    cj = np.asarray(candidate_judge, float)
+    rows, n = cj.shape
+    ks = sorted({k for k in (2 ** i for i in range(n.bit_length())) if k <= n} | {n})
+    wins = lambda a: float(np.mean(np.where(a > ref, 1.0, np.where(a == ref, 0.5, 0.0))))
+    out = []
+    for k in ks:
+        by_judge = cj[:, :k].max(axis=1)
+        point = {"k": k, "kl_bound": float(np.log(k) - (k - 1) / k), "oracle_win_rate": wins(by_judge),
+                 "oracle_judge_score": float(by_judge.mean())}
+        if candidate_reward is not None:
+            cr = np.asarray(candidate_reward, float)
+            pick = cr[:, :k].argmax(axis=1)
+            chosen = cj[np.arange(rows), pick]
+            point.update(rm_pick_win_rate=wins(chosen), rm_pick_judge_score=float(chosen.mean()))
+            if reference_reward is not None:
+                rr, best = np.asarray(reference_reward, float), cr[np.arange(rows), pick]
+                point["rm_pick_reward_win_rate"] = float(np.mean(np.where(best > rr, 1.0, np.where(best == rr, 0.5, 0.0))))
+        out.append(point)
+    return out
 
 
 def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num: int | None = None,
@@ -321,7 +440,12 @@ def add_eval_parser(subparsers):
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write eval.json and samples.jsonl here")
+    p.add_argument("--best-of", type=int, default=0, metavar="N",
+                   help="best-of-N instead: the policy draws N samples per prompt, the best by the gold judge and by "
+                        "--reward-model is compared with the reference's sample, for N = 1, 2, 4, ... (the policy may "
+                        "be the reference itself: what tuning from it can reach)")
+    p.add_argument("--out", default=None, help="write eval.json and samples.jsonl (best_of_n.json and "
+                                               "best_of_n.jsonl with --best-of) here")
     p.set_defaults(func=_main)
 
 
@@ -350,6 +474,22 @@ def _main(args) -> int:
                   num=args.num or None, reward_model=args.reward_model, tokenizer=args.tokenizer,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy,
                   batch_size=args.batch_size, seed=args.seed)
+    if args.best_of:
+        try:
+            result = evaluate_best_of_n(ea, args.best_of)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"jaxpref eval: {e}", file=sys.stderr)
+            return 2
+        print(format_curve(result["curve"]))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "best_of_n.json"), "w") as f:
+                json.dump({"curve": result["curve"], "args": result["args"], "n": args.best_of}, f, indent=2)
+            with open(os.path.join(args.out, "best_of_n.jsonl"), "w") as f:
+                for s in result["samples"]:
+                    f.write(json.dumps(s) + "\n")
+            print(f"wrote {args.out}/best_of_n.json and {args.out}/best_of_n.jsonl")
+        return 0
     try:
         result = evaluate(ea)
     except (FileNotFoundError, ValueError) as e:

@@ -131,3 +131,57 @@ def test_image_reliance_is_the_loss_with_own_and_with_other_images(models, tmp_p
         pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="fewer than one batch"):
         image_reliance(str(models / "a"), str(tmp_path / "sft"), num=4, batch_size=8)
+
+
+def _best_of_k_reference(ref, cand_judge, cand_reward, k):
+    """Row by row in plain Python: the judge's pick and the reward model's pick among the first k."""
+    oracle, rm_pick = [], []
+    for r, js, rs in zip(ref, cand_judge, cand_reward):
+        best_j = max(js[:k])
+        i = max(range(k), key=lambda j: (rs[j], -j))  # the highest reward, the first on a tie
+        oracle.append(1.0 if best_j > r else 0.5 if best_j == r else 0.0)
+        rm_pick.append(1.0 if js[i] > r else 0.5 if js[i] == r else 0.0)
+    return sum(oracle) / len(ref), sum(rm_pick) / len(ref)
+
+
+def test_best_of_n_curve_against_a_row_by_row_count():
+    from jaxpref.eval import best_of_n_curve
+
+    rng = np.random.default_rng(0)
+    ref = rng.choice([0.0, 0.5, 1.0], 50)
+    cj = rng.choice([0.0, 0.25, 0.5, 1.0], (50, 6))
+    cr = rng.normal(size=(50, 6))
+    cr[:5, 1] = cr[:5, 0]  # ties in the reward: the first candidate is chosen
+    curve = best_of_n_curve(ref, cj, cr, rng.normal(size=50))
+    assert [p["k"] for p in curve] == [1, 2, 4, 6]
+    for p in curve:
+        oracle, rm_pick = _best_of_k_reference(ref.tolist(), cj.tolist(), cr.tolist(), p["k"])
+        assert p["oracle_win_rate"] == pytest.approx(oracle) and p["rm_pick_win_rate"] == pytest.approx(rm_pick)
+        assert p["kl_bound"] == pytest.approx(np.log(p["k"]) - (p["k"] - 1) / p["k"])
+    # the judge's pick can only improve with k; at k=1 both picks are the first candidate
+    assert all(a["oracle_win_rate"] <= b["oracle_win_rate"] for a, b in zip(curve, curve[1:]))
+    assert curve[0]["oracle_win_rate"] == curve[0]["rm_pick_win_rate"] and curve[0]["kl_bound"] == 0.0
+
+
+def test_best_of_n_from_the_cli(models, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="")
+    p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reference",
+                        str(models / "a"), "--data", str(models / "prompt"), "--reward-model", str(models / "rm"),
+                        "--best-of", "3", "--batch-size", "8", "--max-new-tokens", "8", "--out", str(tmp_path / "bo")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "win (judge picks)" in p.stdout and "win (RM picks)" in p.stdout
+    out = json.load(open(tmp_path / "bo" / "best_of_n.json"))
+    samples = [json.loads(line) for line in open(tmp_path / "bo" / "best_of_n.jsonl")]
+    assert out["n"] == 3 and [c["k"] for c in out["curve"]] == [1, 2, 3] and len(samples) == 12
+    for s in samples:
+        assert len(s["candidates"]) == len(s["candidate_judge"]) == len(s["candidate_reward"]) == 3
+        assert s["reference_judge"] == judge(s["scene"], s["prompt"], s["reference"])
+    # candidates are drawn with other seeds than the reference's sample, and differ from each other
+    assert any(s["candidates"][0] != s["reference"] for s in samples)
+    assert any(len(set(s["candidates"])) > 1 for s in samples)
+    oracle, rm_pick = _best_of_k_reference([s["reference_judge"] for s in samples],
+                                           [s["candidate_judge"] for s in samples],
+                                           [s["candidate_reward"] for s in samples], 3)
+    assert out["curve"][-1]["oracle_win_rate"] == pytest.approx(oracle)
+    assert out["curve"][-1]["rm_pick_win_rate"] == pytest.approx(rm_pick)
