@@ -110,8 +110,9 @@ def win(a: float, b: float) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
 
 
-def evaluate(args: EvalArgs, progress: bool = True) -> dict:
-    """Runs the evaluation; returns {"metrics": {...}, "samples": [...]} (see the module docstring)."""
+def _models_and_rows(args: EvalArgs):
+    """(policy, reference, reward model or None, rows, tokenizer) as `args` names them: the first
+    arguments of `compare` and `best_of_n`."""
     mesh = make_mesh(1, -1, 1)
     policy = _load(args.policy, "lm", mesh, "--policy")
     reference = _load(args.reference, "lm", mesh, "--reference")
@@ -122,22 +123,18 @@ def evaluate(args: EvalArgs, progress: bool = True) -> dict:
     rows = list(_rows(args))
     if not rows:
         raise ValueError(f"{args.data} split {args.split!r} has no rows")
-    samples = compare(policy, reference, rm, rows, tokenizer, args, progress=progress)
+    return policy, reference, rm, rows, tokenizer
+
+
+def evaluate(args: EvalArgs, progress: bool = True) -> dict:
+    """Runs the evaluation; returns {"metrics": {...}, "samples": [...]} (see the module docstring)."""
+    samples = compare(*_models_and_rows(args), args, progress=progress)
     return {"metrics": summarize(samples), "samples": samples, "args": dataclasses.asdict(args)}
 
 
 def evaluate_best_of_n(args: EvalArgs, n: int, progress: bool = True) -> dict:
     """best_of_n with the models and rows `args` names: {"curve", "samples", "args"}."""
-    mesh = make_mesh(1, -1, 1)
-    policy = _load(args.policy, "lm", mesh, "--policy")
-    reference = _load(args.reference, "lm", mesh, "--reference")
-    if reference[0].config != policy[0].config:
-        raise ValueError(f"--reference {args.reference} is not the policy's architecture")
-    rm = _load(args.reward_model, "scalar", mesh, "--reward-model") if args.reward_model else None
-    rows = list(_rows(args))
-    if not rows:
-        raise ValueError(f"{args.data} split {args.split!r} has no rows")
-    out = best_of_n(policy, reference, rm, rows, load_tokenizer(args.tokenizer or args.policy), args, n, progress)
+    out = best_of_n(*_models_and_rows(args), args, n, progress)
     return {**out, "args": dataclasses.asdict(args)}
 
 
