@@ -110,6 +110,12 @@ def win(a: float, b: float) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
 
 
+def _win_rate(a, b) -> float:
+    """The mean of `win` over paired arrays."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.mean(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))))
+
+
 def _models_and_rows(args: EvalArgs):
     """(policy, reference, reward model or None, rows, tokenizer) as `args` names them: the first
     arguments of `compare` and `best_of_n`."""
@@ -159,18 +165,10 @@ def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: 
     from jaxpref.data.shapes import judge
 
     cfg = policy[0].config
-    processor = Processor(cfg, tokenizer, ProcessorConfig(kind="prompt", max_prompt_length=args.max_prompt_length,
-                                                          max_length=None, length_buckets=args.length_buckets))
-    bs = args.batch_size
     samples = []
     bar = tqdm(total=len(rows), desc="eval", unit="prompt", disable=not progress)
     rng = jax.random.key(args.seed)
-    for start in range(0, len(rows), bs):
-        chunk = rows[start:start + bs]
-        examples = [processor(r) for r in chunk]
-        examples += [examples[0]] * (bs - len(examples))  # static batch shape; extra rows are dropped below
-        batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
-        row_ids = np.arange(start, start + bs, dtype=np.int32)
+    for start, chunk, batch, row_ids in _prompt_batches(cfg, tokenizer, rows, args):
         out = {name: _sample(model, params, batch, args, rng, row_ids)
                for name, (model, params) in (("policy", policy), ("reference", reference))}
         t, m = out["policy"]["tokens"], out["policy"]["mask"]
@@ -195,6 +193,21 @@ def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: 
         bar.update(len(chunk))
     bar.close()
     return samples
+
+
+def _prompt_batches(cfg, tokenizer, rows: list[dict], args: EvalArgs):
+    """(start, chunk, batch, row_ids) for each `args.batch_size` rows: the collated prompt batch,
+    padded to a static batch shape with copies of its first row (callers use only len(chunk) rows),
+    and the rows' global ids (`generate`'s row_ids)."""
+    processor = Processor(cfg, tokenizer, ProcessorConfig(kind="prompt", max_prompt_length=args.max_prompt_length,
+                                                          max_length=None, length_buckets=args.length_buckets))
+    bs = args.batch_size
+    for start in range(0, len(rows), bs):
+        chunk = rows[start:start + bs]
+        examples = [processor(r) for r in chunk]
+        examples += [examples[0]] * (bs - len(examples))
+        batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
+        yield start, chunk, batch, np.arange(start, start + bs, dtype=np.int32)
 
 
 def _sample(model: VLM, params, batch, args: EvalArgs, rng, row_ids) -> dict:
@@ -230,16 +243,9 @@ def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args
     if any("scene" not in r for r in rows):
         raise ValueError("best-of-n needs the gold judge: every row must have a `scene` (the built-in task's data)")
     cfg = policy[0].config
-    processor = Processor(cfg, tokenizer, ProcessorConfig(kind="prompt", max_prompt_length=args.max_prompt_length,
-                                                          max_length=None, length_buckets=args.length_buckets))
-    bs, samples = args.batch_size, []
+    samples = []
     bar = tqdm(total=len(rows) * (n + 1), desc=f"best-of-{n}", unit="sample", disable=not progress)
-    for start in range(0, len(rows), bs):
-        chunk = rows[start:start + bs]
-        examples = [processor(r) for r in chunk]
-        examples += [examples[0]] * (bs - len(examples))
-        batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
-        row_ids = np.arange(start, start + bs, dtype=np.int32)
+    for start, chunk, batch, row_ids in _prompt_batches(cfg, tokenizer, rows, args):
         drawn = [_sample(*reference, batch, args, jax.random.key(args.seed), row_ids)]
         bar.update(len(chunk))
         for j in range(n):
@@ -279,20 +285,18 @@ def best_of_n_curve(reference_judge, candidate_judge, candidate_reward=None, ref
     cj = np.asarray(candidate_judge, float)
     rows, n = cj.shape
     ks = sorted({k for k in (2 ** i for i in range(n.bit_length())) if k <= n} | {n})
-    wins = lambda a: float(np.mean(np.where(a > ref, 1.0, np.where(a == ref, 0.5, 0.0))))
     out = []
     for k in ks:
         by_judge = cj[:, :k].max(axis=1)
-        point = {"k": k, "kl_bound": float(np.log(k) - (k - 1) / k), "oracle_win_rate": wins(by_judge),
+        point = {"k": k, "kl_bound": float(np.log(k) - (k - 1) / k), "oracle_win_rate": _win_rate(by_judge, ref),
                  "oracle_judge_score": float(by_judge.mean())}
         if candidate_reward is not None:
             cr = np.asarray(candidate_reward, float)
             pick = cr[:, :k].argmax(axis=1)
             chosen = cj[np.arange(rows), pick]
-            point.update(rm_pick_win_rate=wins(chosen), rm_pick_judge_score=float(chosen.mean()))
+            point.update(rm_pick_win_rate=_win_rate(chosen, ref), rm_pick_judge_score=float(chosen.mean()))
             if reference_reward is not None:
-                rr, best = np.asarray(reference_reward, float), cr[np.arange(rows), pick]
-                point["rm_pick_reward_win_rate"] = float(np.mean(np.where(best > rr, 1.0, np.where(best == rr, 0.5, 0.0))))
+                point["rm_pick_reward_win_rate"] = _win_rate(cr[np.arange(rows), pick], reference_reward)
         out.append(point)
     return out
 
