@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_profile_parser(sub)
+    from .comparisons import add_comparisons_parser
     from .data.cli import add_data_parser
     from .demo import add_demo_parser
     from .eval import add_eval_parser
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tower_parser(sub)
     add_train_parsers(sub)
     add_eval_parser(sub)
+    add_comparisons_parser(sub)
     return parser
 
 

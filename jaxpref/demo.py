@@ -13,10 +13,13 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   tower    a vision tower pretrained on the scenes (jaxpref.train.tower)   -> DIR/runs/tower
   pretrain configs/shapes/pretrain.yaml (SFT on short questions), from DIR/runs/tower -> DIR/runs/pretrain
   sft      configs/shapes/sft.yaml + the plan, from DIR/runs/pretrain -> DIR/runs/sft
-  reward   configs/shapes/reward.yaml, from DIR/runs/sft             -> DIR/runs/reward
-  dpo      configs/shapes/dpo.yaml, from DIR/runs/sft                -> DIR/runs/dpo
+  comparisons  SFT's own answers to the train prompts, judged with label noise and paired
+           (jaxpref.comparisons.collect)                            -> DIR/data/comparisons
+  reward   configs/shapes/reward.yaml, from DIR/runs/sft on data/comparisons -> DIR/runs/reward
+  dpo      configs/shapes/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo
   ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo
-  eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT -> DIR/eval/{reward_model,dpo,ppo}/
+  eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT; best-of-n of SFT picked by
+           the reward model -> DIR/eval/{reward_model,dpo,ppo,best_of_n}/
   report   DIR/report.md, DIR/img/*.png, DIR/examples.html
 
 A trainer stage's config is its YAML file (configs/shapes/<stage>.yaml) read by
@@ -73,10 +76,12 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
+        "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
+                        "seed": 1000},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
         "ppo": {"max_steps": 40, "eval_steps": 10, "save_steps": 10},
-        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32},
+        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 8},
     },
     "quick": {
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
@@ -86,10 +91,12 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
+        "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
+                        "seed": 1000},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
         "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5},
-        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32},
+        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 4},
     },
 }
 
@@ -98,6 +105,7 @@ DATA_KINDS = ("short", "sft", "preference", "prompt")
 DATA_SETTINGS = {"short": ("short_rows",), "sft": ("sft_rows", "sft_short_fraction"),
                  "preference": ("preference_rows", "label_noise", "corrected_fraction"), "prompt": ("prompt_rows",)}
 METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
+DATA_STAGES = ("comparisons",)  # datasets made by a stage of their own (DIR/data/<name>), after the data stage
 NUM_EXAMPLES = 8  # held-out prompts in the example grid
 
 
@@ -191,7 +199,8 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
         return (f"{cfg.max_steps} {unit} from {cfg.model.name_or_path}{extra} on {cfg.data.dataset_name} "
                 f"-> {cfg.output_dir}{resumed}")
 
-    needs = (f"data/{data}",) + tuple(s for s in (start, reward_model) if s is not None)
+    # a dataset a stage makes is reused with that stage (the data stage's datasets, one by one)
+    needs = (data if data in DATA_STAGES else f"data/{data}",) + tuple(s for s in (start, reward_model) if s is not None)
     return Stage(name, run, describe, config, needs=needs, outputs=(os.path.join("runs", name),))
 
 
@@ -254,10 +263,36 @@ def _describe_tower(demo: Demo) -> str:
     return f"{p['steps']} steps x {p['batch_size']} scenes on the `{p['preset']}` preset -> {demo.path('runs', 'tower')}"
 
 
+def stage_comparisons(demo: Demo) -> dict:
+    """The SFT model's own answers, scored by the gold judge with label noise (the raters) and paired
+    (jaxpref.comparisons): DIR/data/comparisons, on which the reward model and DPO train; its eval split
+    is the generator's held-out pairs (data/preference), so the reward model's accuracy keeps its meaning."""
+    from jaxpref.comparisons import ComparisonArgs, collect, format_stats
+
+    c, data = demo.plan["comparisons"], demo.path("data", "preference")
+    stats = collect(ComparisonArgs(policy=demo.path("runs", "sft"), data=demo.path("data", c["prompts"]),
+                                   out=demo.path("data", "comparisons"), n=c["n"], pairs=c["pairs"],
+                                   label_noise=c["label_noise"], num=c["num"] or None, eval_from=data,
+                                   mix_from=data if c["mix"] else None, mix=c["mix"], seed=c["seed"],
+                                   max_new_tokens=demo.plan["eval"]["max_new_tokens"]))
+    print("  " + format_stats(stats).replace("\n", "\n  "), flush=True)
+    return {"comparisons": stats["train"]}
+
+
+def _describe_comparisons(demo: Demo) -> str:
+    c = demo.plan["comparisons"]
+    prompts = f"the first {c['num']}" if c["num"] else "every"
+    mix = f", plus {c['mix']} of data/preference's pairs" if c["mix"] else ""
+    return (f"{c['n']} answers of {demo.path('runs', 'sft')} to {prompts} train prompt of "
+            f"{demo.path('data', c['prompts'])}, judged ({c['label_noise']:.0%} of the labels flipped), paired "
+            f"{c['pairs']}{mix} -> {demo.path('data', 'comparisons')}")
+
+
 def stage_eval(demo: Demo) -> dict:
     """The reward model's held-out accuracy, and DPO and PPO against SFT (jaxpref.eval), written to
     DIR/eval/<name>/; returns summary.json's result entries."""
-    from jaxpref.eval import EvalArgs, evaluate, image_reliance, reward_model_accuracy, write
+    from jaxpref.eval import (EvalArgs, evaluate, evaluate_best_of_n, image_reliance, reward_model_accuracy, write,
+                              write_best_of_n)
 
     p = demo.plan["eval"]
     rm = reward_model_accuracy(demo.path("runs", "reward"), demo.path("data", "preference"), "eval", num=None,
@@ -280,6 +315,14 @@ def stage_eval(demo: Demo) -> dict:
                        "win_rate_se": _win_se(samples, "judge"), "rm_win_rate_se": _win_se(samples, "reward")}
         out["sft"] = {"judge_score": m["reference_judge_score"], "reward": m["reference_reward"],
                       "length": m["reference_length"]}  # the same in both comparisons (same keys, same model)
+    if p["best_of"]:  # what the reward model buys when it picks among SFT's own answers
+        print(f"  best-of-{p['best_of']} of sft, picked by the reward model and by the judge", flush=True)
+        r = evaluate_best_of_n(EvalArgs(policy=demo.path("runs", "sft"), reference=demo.path("runs", "sft"),
+                                        data=demo.path("data", "prompt"), reward_model=demo.path("runs", "reward"),
+                                        num=p["num"] if p["num"] > 0 else None, max_new_tokens=p["max_new_tokens"],
+                                        batch_size=p["batch_size"]), p["best_of"])
+        write_best_of_n(r, demo.path("eval", "best_of_n"))
+        out["best_of_n"] = r["curve"]
     rows = min(256, demo.plan["data"]["eval_rows"] // p["batch_size"] * p["batch_size"])
     if rows:  # does SFT read the image? its loss on the sft eval split with each row's image and another's
         out["sft"]["image"] = image_reliance(demo.path("runs", "sft"), demo.path("data", "sft"), "eval", num=rows,
@@ -315,12 +358,15 @@ STAGES: list[Stage] = [
     Stage("tower", stage_tower, _describe_tower, outputs=(os.path.join("runs", "tower"),), results=("tower",)),
     trainer("sft", name="pretrain", data="short", start="tower"),
     trainer("sft", data="sft", start="pretrain"),
-    trainer("reward", data="preference", start="sft"),
-    trainer("dpo", data="preference", start="sft"),
+    Stage("comparisons", stage_comparisons, _describe_comparisons, needs=("sft", "data/sft", "data/prompt",
+                                                                          "data/preference"),
+          outputs=("data/comparisons",), results=("comparisons",)),
+    trainer("reward", data="comparisons", start="sft"),
+    trainer("dpo", data="comparisons", start="sft"),
     trainer("ppo", data="prompt", start="sft", reward_model="reward"),
     Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "sft", "reward")
           + METHODS, outputs=("eval",),
-          results=("reward_model", "sft") + METHODS),
+          results=("reward_model", "sft", "best_of_n") + METHODS),
     Stage("report", stage_report, lambda demo: f"{demo.path('report.md')}, {demo.path('img')}/, "
                                                f"{demo.path('examples.html')}"),
 ]
@@ -351,7 +397,20 @@ def make_plan(quick: bool = False, sets=()) -> dict:
     for key, n in plan["data"].items():
         if key.endswith("_rows") and (not isinstance(n, int) or n < 1):
             raise DemoError(f"--set data.{key}: must be >= 1, got {n!r}")
+    _check_comparisons(plan["comparisons"])
     return plan
+
+
+def _check_comparisons(c: dict):
+    from jaxpref.comparisons import PAIRINGS
+
+    checks = [("prompts", c["prompts"] in ("prompt", "sft"), "prompt or sft (the dataset whose prompts are answered)"),
+              ("pairs", c["pairs"] in PAIRINGS, " or ".join(PAIRINGS)), ("n", c["n"] >= 2, ">= 2"),
+              ("num", c["num"] >= 0, ">= 0 (0: every train prompt)"), ("mix", c["mix"] >= 0, ">= 0"),
+              ("label_noise", 0 <= c["label_noise"] <= 1, "in [0, 1]")]
+    for key, ok, what in checks:
+        if not ok:
+            raise DemoError(f"--set comparisons.{key}: must be {what}, got {c[key]!r}")
 
 
 def _typed(value: str, old, item: str):
@@ -831,10 +890,13 @@ def write_report(out: str) -> str:
                      f"`{plan['tower']['preset']}` -> `runs/tower`",
             "pretrain": f"{steps['pretrain']} steps of short questions from `runs/tower` -> `runs/pretrain`",
             "sft": f"{steps['sft']} steps from `{model or 'runs/pretrain'}` -> `runs/sft`",
-            "reward": f"{steps['reward']} steps from `runs/sft` -> `runs/reward`",
-            "dpo": f"{steps['dpo']} steps from `runs/sft` -> `runs/dpo`",
+            "comparisons": _comparisons_what(summary, plan),
+            "reward": f"{steps['reward']} steps from `runs/sft` on `data/comparisons` -> `runs/reward`",
+            "dpo": f"{steps['dpo']} steps from `runs/sft` on `data/comparisons` -> `runs/dpo`",
             "ppo": f"{steps['ppo']} iterations from `runs/sft` against `runs/reward` -> `runs/ppo`",
-            "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts -> `eval/`",
+            "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
+                    + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
+                    + " -> `eval/`",
             "report": "this file, `img/`, `examples.html`"}
     stages = dict(summary["stages"])
     stages.setdefault("report", None)  # this stage: still running
@@ -853,6 +915,8 @@ def write_report(out: str) -> str:
               "| labels the judge agrees with (label noise caps the first row here) | "
               f"{_f(rm.get('label_agreement'))} |",
               "", "![reward model accuracy](img/reward_model.png)", ""]
+    if curve := summary.get("best_of_n"):
+        lines += _best_of_n_lines(curve, n)
 
     lines += [f"## DPO and PPO against SFT ({n} held-out prompts)", "",
               "Each model samples one response per prompt (temperature 0.7, the same random keys for all). "
@@ -929,6 +993,33 @@ def write_report(out: str) -> str:
     return path
 
 
+def _comparisons_what(summary: dict, plan: dict) -> str:
+    c, st = plan["comparisons"], summary.get("comparisons", {})
+    made = (f": {st['prompts']} prompts -> {st['pairs']} pairs" + (f" + {st['mixed']} from `data/preference`"
+                                                                   if st.get("mixed") else "")) if st else ""
+    return (f"{c['n']} answers of `runs/sft` per `data/{c['prompts']}` prompt, judged with {c['label_noise']:.0%} "
+            f"of the labels flipped, {c['pairs']}{made} -> `data/comparisons`")
+
+
+def _best_of_n_lines(curve: list[dict], n: int) -> list[str]:
+    """The best-of-n table: what the reward model buys when it picks among SFT's own answers, against
+    what the gold judge's pick reaches (the ceiling of tuning at that KL)."""
+    lines = [f"### Best-of-n: the reward model picking among SFT's answers ({n} held-out prompts)", "",
+             "SFT samples k answers per prompt; the reward model's favourite and the gold judge's favourite are "
+             "each compared with SFT's own sample (the one in the table below). The judge's pick is what tuning "
+             "against a perfect reward could reach at that KL (best-of-k's KL to SFT is at most "
+             "log k - (k-1)/k); the reward model's pick is what this reward model can buy. A reward model that "
+             "misleads on the policy's own answers shows here as a win-rate that falls with k while its own "
+             "verdict climbs (`eval/best_of_n/`).", "",
+             "| k | KL bound | win-rate, judge picks | judge score | win-rate, RM picks | judge score | "
+             "RM's own win-rate |", "|---|---|---|---|---|---|---|"]
+    for p in curve:
+        lines.append(f"| {p['k']} | {p['kl_bound']:.2f} | {_f(p['oracle_win_rate'])} | {_f(p['oracle_judge_score'])} | "
+                     f"{_f(p.get('rm_pick_win_rate'))} | {_f(p.get('rm_pick_judge_score'))} | "
+                     f"{_f(p.get('rm_pick_reward_win_rate'))} |")
+    return lines + [""]
+
+
 def _md(text: str) -> str:
     """Text for a markdown table cell."""
     return (text or "(empty)").replace("|", "\\|").replace("\n", " ")
@@ -965,16 +1056,19 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
              f"with their own images and {image['nll_shuffled']:.4f} with other rows' (a gap of {image['gap']:.4f} "
              f"nats: {'it reads the image' if image['gap'] > 0.01 else 'it barely reads the image'})."
              if image else "")
+    c, st = summary["plan"]["comparisons"], summary.get("comparisons", {})
+    pairs = (f"comparisons of SFT's own answers ({c['n']} per prompt, scored by the gold judge with "
+             f"{c['label_noise']:.0%} of the labels flipped, as raters err: {st.get('pairs', '?')} pairs)")
     corrected = summary["plan"]["data"].get("corrected_fraction") or 0
-    pairs = (f"noisy preference pairs, {corrected:.0%} of them corrections that only the image tells apart"
-             if corrected else "noisy preference pairs")
+    held_out = (f"the generator's held-out preference pairs, {corrected:.0%} of them corrections that only the image "
+                "tells apart" if corrected else "the generator's held-out preference pairs")
     quick = (" This is the quick plan: short runs that show the pipeline working end to end; its numbers are noisy "
              "and say little about what the methods can reach." if summary["quick"] else "")
-    return (f"This run trained {start} on the built-in shapes task with SFT ({steps['sft']} steps), then a reward "
-            f"model on {pairs} ({steps['reward']} steps; held-out accuracy {_f(rm['accuracy'])} against "
-            f"the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and {_f(rm.get('gold_accuracy'))} against "
-            f"the gold judge), and tuned the SFT policy with DPO ({steps['dpo']} steps) and PPO ({steps['ppo']} "
-            f"iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
+    return (f"This run trained {start} on the built-in shapes task with SFT ({steps['sft']} steps), collected "
+            f"{pairs}, trained a reward model on them ({steps['reward']} steps; accuracy on {held_out}: "
+            f"{_f(rm['accuracy'])} against the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and "
+            f"{_f(rm.get('gold_accuracy'))} against the gold judge), and tuned the SFT policy on them with DPO "
+            f"({steps['dpo']} steps) and against the reward model with PPO ({steps['ppo']} iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
             f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{reads}{quick}")
 
 

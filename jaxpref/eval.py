@@ -72,7 +72,9 @@ def _prompt_text(prompt) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _load(path: str, head: str, mesh, what: str):
+def load_model(path: str, head: str, mesh, what: str):
+    """(VLM, params) from a Hugging Face model directory in float32 with `head` ("lm" or "scalar");
+    `what` names the argument in the error when `path` is not a directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}: {path} is not a model directory")
     return load_pretrained(path, "float32", head=head, mesh=mesh)
@@ -120,11 +122,11 @@ def _models_and_rows(args: EvalArgs):
     """(policy, reference, reward model or None, rows, tokenizer) as `args` names them: the first
     arguments of `compare` and `best_of_n`."""
     mesh = make_mesh(1, -1, 1)
-    policy = _load(args.policy, "lm", mesh, "--policy")
-    reference = _load(args.reference, "lm", mesh, "--reference")
+    policy = load_model(args.policy, "lm", mesh, "--policy")
+    reference = load_model(args.reference, "lm", mesh, "--reference")
     if reference[0].config != policy[0].config:
         raise ValueError(f"--reference {args.reference} is not the policy's architecture")
-    rm = _load(args.reward_model, "scalar", mesh, "--reward-model") if args.reward_model else None
+    rm = load_model(args.reward_model, "scalar", mesh, "--reward-model") if args.reward_model else None
     tokenizer = load_tokenizer(args.tokenizer or args.policy)
     rows = list(_rows(args))
     if not rows:
@@ -142,6 +144,16 @@ def evaluate_best_of_n(args: EvalArgs, n: int, progress: bool = True) -> dict:
     """best_of_n with the models and rows `args` names: {"curve", "samples", "args"}."""
     out = best_of_n(*_models_and_rows(args), args, n, progress)
     return {**out, "args": dataclasses.asdict(args)}
+
+
+def write_best_of_n(result: dict, out: str):
+    """out/best_of_n.json (the curve, the args, n) and out/best_of_n.jsonl (every row's answers)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "best_of_n.json"), "w") as f:
+        json.dump({"curve": result["curve"], "args": result["args"], "n": result["curve"][-1]["k"]}, f, indent=2)
+    with open(os.path.join(out, "best_of_n.jsonl"), "w") as f:
+        for s in result["samples"]:
+            f.write(json.dumps(s) + "\n")
 
 
 def format_curve(curve: list[dict]) -> str:
@@ -227,7 +239,7 @@ def _decode(tokenizer, eos_token_id: int, tokens, length) -> str:
 
 
 def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args: EvalArgs, n: int,
-              progress: bool = False) -> dict:
+              progress: bool = False, desc: str | None = None) -> dict:
     """Best-of-n sampling from `policy` against one sample of `reference` per row, the standard
     yardstick of what preference tuning can reach from a model: the reference samples with
     `args.seed` (as `compare` does), the policy draws n candidates with seeds seed+1 ... seed+n, and
@@ -244,7 +256,7 @@ def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args
         raise ValueError("best-of-n needs the gold judge: every row must have a `scene` (the built-in task's data)")
     cfg = policy[0].config
     samples = []
-    bar = tqdm(total=len(rows) * (n + 1), desc=f"best-of-{n}", unit="sample", disable=not progress)
+    bar = tqdm(total=len(rows) * (n + 1), desc=desc or f"best-of-{n}", unit="sample", disable=not progress)
     for start, chunk, batch, row_ids in _prompt_batches(cfg, tokenizer, rows, args):
         drawn = [_sample(*reference, batch, args, jax.random.key(args.seed), row_ids)]
         bar.update(len(chunk))
@@ -313,7 +325,7 @@ def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num
     from jaxpref.train.reward import rewards
 
     mesh = make_mesh(1, -1, 1)
-    model, params = _load(reward_model, "scalar", mesh, "--reward-model")
+    model, params = load_model(reward_model, "scalar", mesh, "--reward-model")
     tok = load_tokenizer(tokenizer or reward_model)
     processor = Processor(model.config, tok, ProcessorConfig(kind="preference", max_prompt_length=None,
                                                              max_completion_length=None, max_length=None))
@@ -350,7 +362,7 @@ def image_reliance(model_dir: str, data: str, split: str = "eval", num: int | No
     (`nll_shuffled`, images rolled by one within each batch). A model that ignores the image has
     gap = nll_shuffled - nll_real = 0; one that reads it has gap > 0. Whole batches only."""
     mesh = make_mesh(1, -1, 1)
-    model, params = _load(model_dir, "lm", mesh, "model")
+    model, params = load_model(model_dir, "lm", mesh, "model")
     processor = Processor(model.config, load_tokenizer(tokenizer or model_dir), ProcessorConfig(
         kind="sft", max_prompt_length=None, max_completion_length=None, max_length=None))
     rows = list(first_rows(data, split, num))
@@ -483,12 +495,7 @@ def _main(args) -> int:
             return 2
         print(format_curve(result["curve"]))
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "best_of_n.json"), "w") as f:
-                json.dump({"curve": result["curve"], "args": result["args"], "n": args.best_of}, f, indent=2)
-            with open(os.path.join(args.out, "best_of_n.jsonl"), "w") as f:
-                for s in result["samples"]:
-                    f.write(json.dumps(s) + "\n")
+            write_best_of_n(result, args.out)
             print(f"wrote {args.out}/best_of_n.json and {args.out}/best_of_n.jsonl")
         return 0
     try:

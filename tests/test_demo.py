@@ -26,7 +26,9 @@ TINY = {
     "pretrain.max_steps": 2, "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
-    "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8,
+    "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.best_of": 2,
+    # a 3-step SFT model's answers all score 0 (no pairs of its own): the generator's pairs fill in
+    "comparisons.n": 2, "comparisons.mix": 16,
 }
 for _stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
     TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
@@ -47,14 +49,16 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     r = run_jaxpref("demo", "--quick", "--out", str(out), *_set_args(SETS))
     first = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-4000:]
-    assert f"[3/9] pretrain: 2 steps from {out}/runs/tower on {out}/data/short" in r.stdout
-    assert f"[4/9] sft: 3 steps from {out}/runs/pretrain" in r.stdout and "[7/9] ppo: 2 iterations" in r.stdout
+    assert f"[3/10] pretrain: 2 steps from {out}/runs/tower on {out}/data/short" in r.stdout
+    assert f"[4/10] sft: 3 steps from {out}/runs/pretrain" in r.stdout and "[8/10] ppo: 2 iterations" in r.stdout
+    assert f"[5/10] comparisons: 2 answers of {out}/runs/sft to every train prompt of {out}/data/prompt" in r.stdout
+    assert f"[6/10] reward: 3 steps from {out}/runs/sft on {out}/data/comparisons" in r.stdout
     assert f"report: {out}/report.md" in r.stdout
 
     s = json.loads((out / "summary.json").read_text())
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
-    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "reward", "dpo",
-                                                               "ppo", "eval", "report"]
+    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "comparisons",
+                                                               "reward", "dpo", "ppo", "eval", "report"]
     assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy", "lookup_accuracy", "patch_accuracy"]
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
@@ -75,7 +79,21 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     for x in numbers:
         assert f"{x:.3f}" in report, x
     assert f"{image['nll_real']:.4f} with their own images and {image['nll_shuffled']:.4f}" in report
-    assert "noisy preference pairs, 50% of them corrections" in report
+    assert "held-out preference pairs, 50% of them corrections that only the image" in report
+    # the comparisons stage: SFT's own answers (none differ in score after 3 steps) + 16 generator pairs
+    c = s["comparisons"]
+    assert c["prompts"] == 16 and c["mixed"] == 16 and c["pairs"] + c["prompts_without_pair"] <= 16
+    cmp_card = json.loads((out / "data" / "comparisons" / "jaxpref_dataset.json").read_text())
+    assert cmp_card["splits"]["train"]["num_rows"] == c["pairs"] + 16 and cmp_card["splits"]["eval"]["num_rows"] == 8
+    assert len((out / "data" / "comparisons" / "samples.jsonl").read_text().splitlines()) == 16
+    assert f"collected comparisons of SFT's own answers (2 per prompt, scored by the gold judge with 10% of the " \
+           f"labels flipped, as raters err: {c['pairs']} pairs)" in report
+    # best-of-n of SFT: k = 1, 2, picked by the judge and the reward model
+    curve = s["best_of_n"]
+    assert [p["k"] for p in curve] == [1, 2] and curve[0]["oracle_win_rate"] == curve[0]["rm_pick_win_rate"]
+    assert curve[1]["oracle_win_rate"] >= curve[1]["rm_pick_win_rate"] and "### Best-of-n" in report
+    assert f"| 2 | 0.19 | {curve[1]['oracle_win_rate']:.3f} |" in report
+    assert json.loads((out / "eval" / "best_of_n" / "best_of_n.json").read_text())["curve"] == curve
     # the judge's scores before and after: the eval stage's win-rates again, counted per question type
     judges = judge_table({m: [json.loads(line) for line in open(out / "eval" / m / "samples.jsonl")]
                           for m in ("dpo", "ppo")})
@@ -132,9 +150,9 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     r = run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.0"], reuse=str(out))
     printed = capsys.readouterr().out
     ran = [st.name for st in STAGES if "reused_from" not in r["stages"][st.name]]
-    assert ran == ["data", "reward", "dpo", "ppo", "eval", "report"]
+    assert ran == ["data", "comparisons", "reward", "dpo", "ppo", "eval", "report"]
     assert printed.count(f"reused from {out} (finished there in") == 3
-    assert f"[1/9] data: reused from {out}: data/short, data/sft, data/prompt\n[1/9] data: train rows preference 32; " \
+    assert f"[1/10] data: reused from {out}: data/short, data/sft, data/prompt\n[1/10] data: train rows preference 32; " \
            f"8 eval rows each" in printed
     assert r["reused"] == {"from": str(out), "parts": ["data/short", "data/sft", "data/prompt", "tower", "pretrain",
                                                        "sft"]}
@@ -148,7 +166,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
         assert all(((new / "data" / kind / f).read_bytes() == (out / "data" / kind / f).read_bytes()) == same
                    for f in files if f.startswith("train"))
     assert r["ppo"]["num_prompts"] == 8 and f"(reused from `{out}`)" in (new / "report.md").read_text()
-    assert "model on noisy preference pairs (3 steps" in (new / "report.md").read_text()
+    assert "accuracy on the generator's held-out preference pairs: " in (new / "report.md").read_text()
     (tmp_path / "copy").mkdir()  # another source for the same DIR is refused
     (tmp_path / "copy" / "summary.json").write_text((out / "summary.json").read_text())
     with pytest.raises(DemoError, match="was started from"):
@@ -200,14 +218,16 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     kinds = ["data/short", "data/sft", "data/preference", "data/prompt"]
     everything = kinds + [st.name for st in STAGES if st.name != "report"]  # the report is always rewritten
     assert reusable([]) == everything
-    assert reusable(["ppo.kl_coef=0.1"]) == kinds + ["data", "tower", "pretrain", "sft", "reward", "dpo"]
-    assert reusable(["reward.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "sft", "dpo"]
+    assert reusable(["ppo.kl_coef=0.1"]) == kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward", "dpo"]
+    assert reusable(["reward.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "sft", "comparisons", "dpo"]
+    # new comparisons: everything trained on them, and PPO against their reward model, run again
+    assert reusable(["comparisons.n=3"]) == kinds + ["data", "tower", "pretrain", "sft"]
     assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain"]
     assert reusable(["tower.steps=5"]) == kinds + ["data"]
     assert reusable(["data.eval_rows=4"]) == ["tower"]  # every dataset has an eval split
     assert reusable(["data.label_noise=0.2"]) == ["data/short", "data/sft", "data/prompt", "tower", "pretrain", "sft"]
     assert reusable(["data.sft_rows=64"]) == ["data/short", "data/preference", "data/prompt", "tower", "pretrain"]
-    assert reusable(["eval.num=4"]) == everything[:-1]
+    assert reusable(["eval.num=4"]) == reusable(["eval.best_of=3"]) == everything[:-1]
     del source["stages"]["pretrain"]  # not finished there: nothing after it either
     assert reusable([]) == kinds + ["data", "tower"]
 
@@ -229,7 +249,10 @@ def test_plan_settings_and_trainer_configs():
     assert make_plan(True)["sft"]["max_steps"] == PLANS["quick"]["sft"]["max_steps"]
     for bad, msg in (("sft", "expected STAGE.KEY=VALUE"), ("nope.x=1", "unknown stage 'nope'"),
                      ("eval.nope=1", "eval has no setting 'nope'; its settings: num"),
-                     ("data.eval_rows=many", "expected int"), ("data.sft_rows=0", "must be >= 1")):
+                     ("data.eval_rows=many", "expected int"), ("data.sft_rows=0", "must be >= 1"),
+                     ("comparisons.pairs=some", "comparisons.pairs: must be best-worst or best-rest or all"),
+                     ("comparisons.prompts=short", "comparisons.prompts: must be prompt or sft"),
+                     ("comparisons.n=1", "comparisons.n: must be >= 2")):
         with pytest.raises(DemoError, match=msg):
             make_plan(False, [bad])
 

@@ -418,26 +418,3 @@ def test_the_facts_probe_pairs_differ_in_the_asked_fact_and_the_judge_agrees():
         scene = Scene.from_json(r["scene"])
         assert scene_split(scene) == "eval" and r["chosen"] != r["rejected"]
         assert judge(scene, r["prompt"], r["chosen"]) == 1.0 > judge(scene, r["prompt"], r["rejected"]), r
-
-
-def test_onpolicy_pairs_take_the_judges_best_and_worst_and_flip_the_noisy_share():
-    make = _script("onpolicy_pairs").pairs_from_samples
-    rows = [{"images": [], "prompt": f"p{i}", "scene": "s"} for i in range(400)]
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(400):
-        scores = [float(x) for x in rng.choice([0.0, 0.5, 1.0], 4)]
-        if i < 50:
-            scores = [0.5] * 4  # all alike: no pair
-        samples.append({"reference": "t0", "reference_judge": scores[0], "candidates": ["t1", "t2", "t3"],
-                        "candidate_judge": scores[1:]})
-    clean = make(rows, samples, 0.0)
-    kept = [(r, s) for r, s in zip(rows, samples) if len(set([s["reference_judge"]] + s["candidate_judge"])) > 1]
-    assert len(clean) == len(kept) and 0 < len(kept) <= 350
-    for pair, (row, s) in zip(clean, kept):
-        scores = [s["reference_judge"]] + s["candidate_judge"]
-        assert pair["prompt"] == row["prompt"]
-        assert pair["chosen"] == f"t{int(np.argmax(scores))}" and pair["rejected"] == f"t{int(np.argmin(scores))}"
-    noisy = make(rows, samples, 0.3)
-    flipped = np.mean([n["chosen"] == c["rejected"] for n, c in zip(noisy, clean)])
-    assert 0.2 < flipped < 0.4
