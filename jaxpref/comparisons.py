@@ -63,6 +63,8 @@ class ComparisonArgs:
     mix_from: str | None = None
     """A preference dataset whose first `mix` train rows are added to the train split."""
     mix: int = 0
+    skip_unscorable: bool = False
+    """Leave out rows whose prompt the judge cannot score (the SFT data's short questions) instead of failing."""
     seed: int = 1000
     """Sampling seed: answer j uses seed + j (jaxpref eval's comparisons use 0)."""
     noise_seed: int = 0
@@ -145,14 +147,14 @@ def collect(args: ComparisonArgs) -> dict:
     splits = [("train", args.num)] + ([("eval", args.eval_num)] if args.eval_from is None and args.eval_num != 0 else [])
     with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
         for split, num in splits:
-            rows = _prompt_rows(args.data, split, num)
+            rows, skipped = _prompt_rows(args.data, split, num, args.skip_unscorable)
             samples = sample_answers(model, rows, tokenizer, args, desc=f"{split} answers")
             for s in samples:
                 f.write(json.dumps({"split": split, **s}) + "\n")
             pairs, swapped = pairs_from_samples(rows, samples, args.label_noise,
                                                 args.noise_seed + (split == "eval"), args.pairs)
             judged = np.array([s["judge"] for s in samples], float)
-            stats[split] = {"prompts": len(rows), "pairs": len(pairs), "swapped": swapped,
+            stats[split] = {"prompts": len(rows), "skipped": skipped, "pairs": len(pairs), "swapped": swapped,
                             "prompts_without_pair": int(np.sum(judged.max(1) == judged.min(1))),
                             "judge_score": float(judged.mean()), "best_judge_score": float(judged.max(1).mean())}
             if split == "train" and args.mix:
@@ -175,18 +177,31 @@ def collect(args: ComparisonArgs) -> dict:
     return stats
 
 
-def _prompt_rows(data: str, split: str, num: int | None) -> list[dict]:
-    from jaxpref.eval import first_rows
+def _prompt_rows(data: str, split: str, num: int | None, skip_unscorable: bool = False) -> tuple[list[dict], int]:
+    """The rows to answer, checked before any sampling: (rows, how many were skipped because the judge
+    cannot score their prompt, e.g. the SFT data's short questions)."""
+    from jaxpref.data.shapes import Scene, parse_prompt
+    from jaxpref.eval import _prompt_text, first_rows
 
-    rows = list(first_rows(data, split, num))
-    if not rows:
-        raise ValueError(f"{data} split {split!r} has no rows")
-    for i, r in enumerate(rows):
+    rows, skipped = [], 0
+    for i, r in enumerate(first_rows(data, split, num)):
         missing = [k for k in ("prompt", "images", "scene") if k not in r]
         if missing:
             raise ValueError(f"{data} split {split!r} row {i}: no {', '.join(missing)} field (comparisons need "
                              f"the built-in task's rows: prompt, images and the scene the judge reads)")
-    return rows
+        try:
+            parse_prompt(Scene.from_json(r["scene"]), _prompt_text(r["prompt"]))
+        except ValueError as e:
+            if not skip_unscorable:
+                raise ValueError(f"{data} split {split!r} row {i}: the judge cannot score this prompt ({e}); "
+                                 f"skip_unscorable (--skip-unscorable) leaves such rows out") from None
+            skipped += 1
+            continue
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"{data} split {split!r} has no rows" + (f" the judge can score ({skipped} skipped)"
+                                                                 if skipped else ""))
+    return rows, skipped
 
 
 def format_stats(stats: dict) -> str:
@@ -196,7 +211,8 @@ def format_stats(stats: dict) -> str:
         if s and "copied_from" in s:
             lines.append(f"eval: {s['pairs']} pairs copied from {s['copied_from']}")
         elif s:
-            lines.append(f"{split}: {s['prompts']} prompts -> {s['pairs']} pairs ({s['swapped']} swapped by label "
+            skipped = f" (+{s['skipped']} the judge cannot score, skipped)" if s.get("skipped") else ""
+            lines.append(f"{split}: {s['prompts']} prompts{skipped} -> {s['pairs']} pairs ({s['swapped']} swapped by label "
                          f"noise, {s['prompts_without_pair']} prompts whose answers all score alike); mean judge "
                          f"score {s['judge_score']:.3f}, of the best answer {s['best_judge_score']:.3f}"
                          + (f"; {s['mixed']} pairs added from mix_from" if s.get("mixed") else ""))
@@ -218,6 +234,8 @@ def add_comparisons_parser(subparsers):
     p.add_argument("--eval-from", default=None, help="copy this preference dataset's eval split (default: sample one)")
     p.add_argument("--mix-from", default=None, help="a preference dataset whose first --mix train rows are added")
     p.add_argument("--mix", type=int, default=0, help="rows taken from --mix-from (default 0)")
+    p.add_argument("--skip-unscorable", action="store_true",
+                   help="leave out rows whose prompt the judge cannot score (e.g. the SFT data's short questions)")
     p.add_argument("--seed", type=int, default=1000, help="sampling seed (default 1000)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -229,7 +247,7 @@ def _main(args) -> int:
     ca = ComparisonArgs(policy=args.policy, data=args.data, out=args.out, n=args.n, pairs=args.pairs,
                         label_noise=args.label_noise, num=args.num or None,
                         eval_num=None if args.eval_num < 0 else args.eval_num, eval_from=args.eval_from,
-                        mix_from=args.mix_from, mix=args.mix, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                        mix_from=args.mix_from, mix=args.mix, skip_unscorable=args.skip_unscorable, seed=args.seed, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, batch_size=args.batch_size)
     try:
         stats = collect(ca)

@@ -274,6 +274,7 @@ def stage_comparisons(demo: Demo) -> dict:
                                    out=demo.path("data", "comparisons"), n=c["n"], pairs=c["pairs"],
                                    label_noise=c["label_noise"], num=c["num"] or None, eval_from=data,
                                    mix_from=data if c["mix"] else None, mix=c["mix"], seed=c["seed"],
+                                   skip_unscorable=c["prompts"] == "sft",  # its short questions have no judge
                                    max_new_tokens=demo.plan["eval"]["max_new_tokens"]))
     print("  " + format_stats(stats).replace("\n", "\n  "), flush=True)
     return {"comparisons": stats["train"]}

@@ -140,6 +140,16 @@ def test_the_cli_names_what_is_wrong(tiny, tmp_path):
     write_shards(iter(rows), str(tmp_path / "noscene"), num_shards=1, split="train")
     p = run("--data", str(tmp_path / "noscene"))
     assert p.returncode == 2 and f"{tmp_path / 'noscene'} split 'train' row 0: no scene field" in p.stderr, p.stderr[-2000:]
+    # the SFT data's short questions ("what color is the shape in the center?") have no judge: named, or skipped
+    write_shards(generate_split("sft", 24, seed=4, image_size=32, short_fraction=0.5), str(tmp_path / "sft"),
+                 num_shards=1, split="train")
+    p = run("--data", str(tmp_path / "sft"))
+    assert p.returncode == 2 and "split 'train' row " in p.stderr and "the judge cannot score this prompt" in p.stderr
+    p = run("--data", str(tmp_path / "sft"), "--skip-unscorable", "--eval-num", "0", "--mix-from",
+            str(tiny / "preference"), "--mix", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    st = json.load(open(tmp_path / "o" / "comparisons.json"))["train"]
+    assert st["skipped"] > 0 and st["prompts"] + st["skipped"] == 24 and "the judge cannot score, skipped" in p.stdout
     p = run("--data", str(tmp_path / "nowhere"))
     assert p.returncode == 2 and "nowhere" in p.stderr
     p = run("--data", str(tiny / "prompt"), "--mix", "3")
