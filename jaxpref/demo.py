@@ -77,7 +77,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
-                        "seed": 1000},
+                        "seed": 1000, "dpo_rounds": 1},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
         "ppo": {"max_steps": 40, "eval_steps": 10, "save_steps": 10},
@@ -92,7 +92,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
-                        "seed": 1000},
+                        "seed": 1000, "dpo_rounds": 1},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
         "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5},
@@ -149,12 +149,12 @@ class Stage:
 
 
 def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, reward_model: str | None = None,
-                   name: str | None = None):
+                   name: str | None = None, extra: dict | None = None):
     """The config of trainer stage `name` (default: `kind`), which runs trainer `kind` (sft, reward, dpo,
     ppo): configs/shapes/<name>.yaml through jaxpref.config.load_config with overrides
     output_dir=DIR/runs/<name>, data.dataset_name=DIR/data/<data>, model.name_or_path=DIR/runs/<start>
     (when given), reward_model_path=DIR/runs/<reward_model> (when given), resume_from_checkpoint=true,
-    then the plan's entries for the stage."""
+    then the plan's entries for the stage, then `extra` (paths given as they are)."""
     from jaxpref.config import load_config
 
     name = name or kind
@@ -165,6 +165,7 @@ def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, r
     if reward_model is not None:
         overrides["reward_model_path"] = demo.path("runs", reward_model)
     overrides.update(demo.plan.get(name, {}))
+    overrides.update(extra or {})
     return load_config(kind, os.path.join(demo.configs, f"{name}.yaml"),
                        [f"{k}={_override_text(v)}" for k, v in overrides.items()])
 
@@ -202,6 +203,75 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
     # a dataset a stage makes is reused with that stage (the data stage's datasets, one by one)
     needs = (data if data in DATA_STAGES else f"data/{data}",) + tuple(s for s in (start, reward_model) if s is not None)
     return Stage(name, run, describe, config, needs=needs, outputs=(os.path.join("runs", name),))
+
+
+def dpo_rounds_stage() -> Stage:
+    """DPO, in `comparisons.dpo_rounds` rounds (online iterative DPO): round 1 trains from SFT on
+    data/comparisons; each later round's start and reference is the previous round's policy, trained on
+    comparisons of that policy's own answers (the comparisons stage's settings, new sampling and noise
+    seeds) in DIR/runs/dpo-rounds/comparisons-<r>. Rounds before the last train into
+    DIR/runs/dpo-rounds/round-<r>, the last into DIR/runs/dpo (what the eval stage reads). A stopped run
+    continues in its round: finished datasets (comparisons.json written) and rounds (rounds.json) are kept,
+    a trainer resumes from its checkpoints."""
+    base = trainer("dpo", data="comparisons", start="sft")
+
+    def paths(demo: Demo, r: int) -> tuple[str, str, str]:
+        """(start, data, output_dir) of round r."""
+        rounds, root = demo.plan["comparisons"]["dpo_rounds"], demo.path("runs", "dpo-rounds")
+        out = demo.path("runs", "dpo") if r == rounds else os.path.join(root, f"round-{r}")
+        if r == 1:
+            return demo.path("runs", "sft"), demo.path("data", "comparisons"), out
+        return paths(demo, r - 1)[2], os.path.join(root, f"comparisons-{r}"), out
+
+    def run(demo: Demo) -> dict:
+        from jaxpref.comparisons import ComparisonArgs, collect, format_stats
+        from jaxpref.train import RUNNERS
+
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        c, rounds = demo.plan["comparisons"], demo.plan["comparisons"]["dpo_rounds"]
+        root = demo.path("runs", "dpo-rounds")
+        os.makedirs(root, exist_ok=True)
+        record = os.path.join(root, "rounds.json")
+        done = json.load(open(record)) if os.path.exists(record) else []
+        for r in range(len(done) + 1, rounds + 1):
+            start, data, out = paths(demo, r)
+            stats = demo.summary.get("comparisons", {})
+            if r > 1:
+                stats_file = os.path.join(data, "comparisons.json")
+                if os.path.exists(stats_file):  # collected before a stop
+                    stats = json.load(open(stats_file))["train"]
+                else:
+                    print(f"  round {r}: comparisons of {start}'s answers -> {data}", flush=True)
+                    got = collect(ComparisonArgs(
+                        policy=start, data=demo.path("data", c["prompts"]), out=data, n=c["n"], pairs=c["pairs"],
+                        label_noise=c["label_noise"], num=c["num"] or None, eval_from=demo.path("data", "preference"),
+                        mix_from=demo.path("data", "preference") if c["mix"] else None, mix=c["mix"],
+                        seed=c["seed"] + 1000 * (r - 1), noise_seed=r - 1, skip_unscorable=c["prompts"] == "sft",
+                        max_new_tokens=demo.plan["eval"]["max_new_tokens"]))
+                    print("  " + format_stats(got).replace("\n", "\n  "), flush=True)
+                    stats = got["train"]
+            print(f"  round {r}/{rounds}: DPO from {start} on {data} -> {out}", flush=True)
+            RUNNERS["dpo"](trainer_config("dpo", demo, "comparisons", "sft", extra={
+                "output_dir": out, "model.name_or_path": start, "data.dataset_name": data}))
+            done.append({"round": r, "start": os.path.relpath(start, demo.out), "data": os.path.relpath(data, demo.out),
+                         "output_dir": os.path.relpath(out, demo.out),
+                         **{k: stats.get(k) for k in ("prompts", "pairs", "prompts_without_pair", "judge_score",
+                                                      "best_judge_score")}})
+            with open(record + ".tmp", "w") as f:
+                json.dump(done, f, indent=2)
+            os.replace(record + ".tmp", record)
+        return {"dpo_rounds": done}
+
+    def describe(demo: Demo) -> str:
+        rounds = demo.plan["comparisons"]["dpo_rounds"]
+        if rounds == 1:
+            return base.describe(demo)
+        return (f"{rounds} rounds of {base.config(demo).max_steps} steps: from {demo.path('runs', 'sft')} on "
+                f"{demo.path('data', 'comparisons')}, then each round from the last on comparisons of its own answers "
+                f"-> {demo.path('runs', 'dpo')} (earlier rounds in {demo.path('runs', 'dpo-rounds')})")
+
+    return dataclasses.replace(base, run=run, describe=describe, outputs=base.outputs + ("runs/dpo-rounds",),
+                               results=("dpo_rounds",))
 
 
 def _has_checkpoints(output_dir: str) -> bool:
@@ -363,7 +433,7 @@ STAGES: list[Stage] = [
                                                                           "data/preference"),
           outputs=("data/comparisons",), results=("comparisons",)),
     trainer("reward", data="comparisons", start="sft"),
-    trainer("dpo", data="comparisons", start="sft"),
+    dpo_rounds_stage(),
     trainer("ppo", data="prompt", start="sft", reward_model="reward"),
     Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "sft", "reward")
           + METHODS, outputs=("eval",),
@@ -408,7 +478,7 @@ def _check_comparisons(c: dict):
     checks = [("prompts", c["prompts"] in ("prompt", "sft"), "prompt or sft (the dataset whose prompts are answered)"),
               ("pairs", c["pairs"] in PAIRINGS, " or ".join(PAIRINGS)), ("n", c["n"] >= 2, ">= 2"),
               ("num", c["num"] >= 0, ">= 0 (0: every train prompt)"), ("mix", c["mix"] >= 0, ">= 0"),
-              ("label_noise", 0 <= c["label_noise"] <= 1, "in [0, 1]")]
+              ("label_noise", 0 <= c["label_noise"] <= 1, "in [0, 1]"), ("dpo_rounds", c["dpo_rounds"] >= 1, ">= 1")]
     for key, ok, what in checks:
         if not ok:
             raise DemoError(f"--set comparisons.{key}: must be {what}, got {c[key]!r}")
@@ -880,6 +950,7 @@ def write_report(out: str) -> str:
     ppo_evals = [r for r in read_metrics(os.path.join(out, "runs", "ppo")) if "eval_judge_score" in r]
 
     steps = {s.name: plan[s.name]["max_steps"] for s in STAGES if s.config is not None}
+    rounds = plan["comparisons"]["dpo_rounds"]
     model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the pretrain stage
     n = summary["ppo"]["num_prompts"]
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
@@ -893,7 +964,9 @@ def write_report(out: str) -> str:
             "sft": f"{steps['sft']} steps from `{model or 'runs/pretrain'}` -> `runs/sft`",
             "comparisons": _comparisons_what(summary, plan),
             "reward": f"{steps['reward']} steps from `runs/sft` on `data/comparisons` -> `runs/reward`",
-            "dpo": f"{steps['dpo']} steps from `runs/sft` on `data/comparisons` -> `runs/dpo`",
+            "dpo": (f"{steps['dpo']} steps from `runs/sft` on `data/comparisons` -> `runs/dpo`" if rounds == 1 else
+                    f"{rounds} rounds of {steps['dpo']} steps from `runs/sft`, each later round on comparisons of the "
+                    f"last round's answers -> `runs/dpo` (`runs/dpo-rounds/`)"),
             "ppo": f"{steps['ppo']} iterations from `runs/sft` against `runs/reward` -> `runs/ppo`",
             "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
@@ -930,6 +1003,15 @@ def write_report(out: str) -> str:
         lines.append(f"| {name} | {win} | {rmw} | {_f(m['judge_score'])} | {_f(m.get('reward'))} | "
                      f"{_f(m.get('kl'), '.3f')} | {_f(m.get('length'), '.1f')} |")
     lines += ["", "![win-rates](img/win_rates.png)", ""]
+    if len(summary.get("dpo_rounds", [])) > 1:
+        lines += ["DPO's rounds: each round's comparisons, and the gold judge's mean score of the answers they were "
+                  "made from (the policy the round starts from, on the train prompts; n answers per prompt):", "",
+                  "| round | starts from | pairs | prompts whose answers all score alike | judge score of its answers | "
+                  "of the best answer |", "|---|---|---|---|---|---|"]
+        for d in summary["dpo_rounds"]:
+            lines.append(f"| {d['round']} | `{d['start']}` | {d['pairs']} | {d['prompts_without_pair']} | "
+                         f"{_f(d['judge_score'])} | {_f(d['best_judge_score'])} |")
+        lines.append("")
     lines += ["### The judge's scores before and after", "",
               "The fraction of prompts whose response the gold judge scores 0 (wrong or invented facts), "
               "above 0 but below 0.5, from 0.5 up to 1, and 1 (right and concise); then, per question type, the "
@@ -1021,6 +1103,12 @@ def _best_of_n_lines(curve: list[dict], n: int) -> list[str]:
     return lines + [""]
 
 
+def _dpo_steps(summary: dict, steps: int) -> str:
+    rounds = summary["plan"]["comparisons"]["dpo_rounds"]
+    return (f"{steps} steps" if rounds == 1 else f"{rounds} rounds of {steps} steps, each round after the first "
+            f"from the last round's policy on comparisons of its own answers")
+
+
 def _md(text: str) -> str:
     """Text for a markdown table cell."""
     return (text or "(empty)").replace("|", "\\|").replace("\n", " ")
@@ -1069,7 +1157,7 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
             f"{pairs}, trained a reward model on them ({steps['reward']} steps; accuracy on {held_out}: "
             f"{_f(rm['accuracy'])} against the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and "
             f"{_f(rm.get('gold_accuracy'))} against the gold judge), and tuned the SFT policy on them with DPO "
-            f"({steps['dpo']} steps) and against the reward model with PPO ({steps['ppo']} iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
+            f"({_dpo_steps(summary, steps['dpo'])}) and against the reward model with PPO ({steps['ppo']} iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
             f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{reads}{quick}")
 
 

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, judge_bins,
@@ -28,7 +29,7 @@ TINY = {
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
     "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.best_of": 2,
     # a 3-step SFT model's answers all score 0 (no pairs of its own): the generator's pairs fill in
-    "comparisons.n": 2, "comparisons.mix": 16,
+    "comparisons.n": 2, "comparisons.mix": 16, "comparisons.dpo_rounds": 2,
 }
 for _stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
     TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
@@ -88,6 +89,18 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert len((out / "data" / "comparisons" / "samples.jsonl").read_text().splitlines()) == 16
     assert f"collected comparisons of SFT's own answers (2 per prompt, scored by the gold judge with 10% of the " \
            f"labels flipped, as raters err: {c['pairs']} pairs)" in report
+    # two DPO rounds: the second from the first, on comparisons of the first's answers
+    rounds = s["dpo_rounds"]
+    assert [(d["round"], d["start"], d["data"], d["output_dir"]) for d in rounds] == [
+        (1, "runs/sft", "data/comparisons", "runs/dpo-rounds/round-1"),
+        (2, "runs/dpo-rounds/round-1", "runs/dpo-rounds/comparisons-2", "runs/dpo")]
+    assert rounds[0]["pairs"] == c["pairs"] and (out / "runs" / "dpo-rounds" / "round-1" / "model.safetensors").exists()
+    second = json.loads((out / "runs" / "dpo-rounds" / "comparisons-2" / "comparisons.json").read_text())
+    assert second["args"]["policy"] == str(out / "runs" / "dpo-rounds" / "round-1") and second["args"]["seed"] == 2000
+    assert f"| 2 | `runs/dpo-rounds/round-1` | {second['train']['pairs']} |" in report
+    last = yaml.safe_load((out / "runs" / "dpo" / "config.yaml").read_text())
+    assert last["model"]["name_or_path"] == str(out / "runs" / "dpo-rounds" / "round-1") and last["ref_model"] is None
+    assert last["data"]["dataset_name"] == str(out / "runs" / "dpo-rounds" / "comparisons-2")
     # best-of-n of SFT: k = 1, 2, picked by the judge and the reward model
     curve = s["best_of_n"]
     assert [p["k"] for p in curve] == [1, 2] and curve[0]["oracle_win_rate"] == curve[0]["rm_pick_win_rate"]
