@@ -77,10 +77,10 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
-                        "seed": 1000, "dpo_rounds": 1},
+                        "seed": 1000, "dpo_rounds": 2},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
-        "ppo": {"max_steps": 40, "eval_steps": 10, "save_steps": 10},
+        "ppo": {"max_steps": 80, "eval_steps": 10, "save_steps": 10},
         "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 8},
     },
     "quick": {
