@@ -144,7 +144,9 @@ def collect(args: ComparisonArgs) -> dict:
     stats: dict = {"args": dataclasses.asdict(args)}
     info = {"made_by": "jaxpref comparisons", **{k: v for k, v in dataclasses.asdict(args).items() if v is not None}}
     os.makedirs(args.out, exist_ok=True)
-    splits = [("train", args.num)] + ([("eval", args.eval_num)] if args.eval_from is None and args.eval_num != 0 else [])
+    splits = [("train", args.num)]
+    if args.eval_from is None and args.eval_num != 0:
+        splits.append(("eval", args.eval_num))
     with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
         for split, num in splits:
             rows, skipped = _prompt_rows(args.data, split, num, args.skip_unscorable)
@@ -160,8 +162,10 @@ def collect(args: ComparisonArgs) -> dict:
             if split == "train" and args.mix:
                 mixed = list(first_rows(args.mix_from, "train", args.mix))
                 stats[split]["mixed"] = len(mixed)
-                pairs += [{k: r[k] for k in ("images", "prompt", "chosen", "rejected", "scene") if k in r} for r in mixed]
-                order = np.random.default_rng(args.noise_seed).permutation(len(pairs))  # the mix spread through the shards
+                keys = ("images", "prompt", "chosen", "rejected", "scene")
+                pairs += [{k: r[k] for k in keys if k in r} for r in mixed]
+                # the mixed pairs spread through the shards, not at their ends
+                order = np.random.default_rng(args.noise_seed).permutation(len(pairs))
                 pairs = [pairs[i] for i in order]
             if not pairs:
                 raise ValueError(f"{args.policy}'s answers on {args.data} split {split!r} all score alike: no pairs "
@@ -212,22 +216,24 @@ def format_stats(stats: dict) -> str:
             lines.append(f"eval: {s['pairs']} pairs copied from {s['copied_from']}")
         elif s:
             skipped = f" (+{s['skipped']} the judge cannot score, skipped)" if s.get("skipped") else ""
-            lines.append(f"{split}: {s['prompts']} prompts{skipped} -> {s['pairs']} pairs ({s['swapped']} swapped by label "
-                         f"noise, {s['prompts_without_pair']} prompts whose answers all score alike); mean judge "
-                         f"score {s['judge_score']:.3f}, of the best answer {s['best_judge_score']:.3f}"
+            lines.append(f"{split}: {s['prompts']} prompts{skipped} -> {s['pairs']} pairs ({s['swapped']} swapped "
+                         f"by label noise, {s['prompts_without_pair']} prompts whose answers all score alike); "
+                         f"mean judge score {s['judge_score']:.3f}, of the best answer {s['best_judge_score']:.3f}"
                          + (f"; {s['mixed']} pairs added from mix_from" if s.get("mixed") else ""))
     lines.append(f"{stats['seconds'] / 60:.1f} min")
     return "\n".join(lines)
 
 
 def add_comparisons_parser(subparsers):
-    p = subparsers.add_parser("comparisons", help="preference pairs from a policy's own answers, labeled by the gold judge",
+    p = subparsers.add_parser("comparisons",
+                              help="preference pairs from a policy's own answers, labeled by the gold judge",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="policy model directory (e.g. the SFT model)")
     p.add_argument("--data", required=True, help="prompts with scenes (e.g. runs/demo/data/prompt)")
     p.add_argument("--out", required=True, help="the preference dataset to write")
     p.add_argument("--n", type=int, default=4, help="answers per prompt (default 4)")
-    p.add_argument("--pairs", default="best-worst", choices=PAIRINGS, help="which answers are paired (default best-worst)")
+    p.add_argument("--pairs", default="best-worst", choices=PAIRINGS,
+                   help="which answers are paired (default best-worst)")
     p.add_argument("--label-noise", type=float, default=0.1, help="share of pairs swapped (default 0.1)")
     p.add_argument("--num", type=int, default=0, help="train prompts (default 0: all)")
     p.add_argument("--eval-num", type=int, default=-1, help="eval prompts (default -1: all; 0: no eval split)")
@@ -247,7 +253,8 @@ def _main(args) -> int:
     ca = ComparisonArgs(policy=args.policy, data=args.data, out=args.out, n=args.n, pairs=args.pairs,
                         label_noise=args.label_noise, num=args.num or None,
                         eval_num=None if args.eval_num < 0 else args.eval_num, eval_from=args.eval_from,
-                        mix_from=args.mix_from, mix=args.mix, skip_unscorable=args.skip_unscorable, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                        mix_from=args.mix_from, mix=args.mix, skip_unscorable=args.skip_unscorable, seed=args.seed,
+                        max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, batch_size=args.batch_size)
     try:
         stats = collect(ca)

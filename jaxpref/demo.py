@@ -16,7 +16,8 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   comparisons  SFT's own answers to the train prompts, judged with label noise and paired
            (jaxpref.comparisons.collect)                            -> DIR/data/comparisons
   reward   configs/shapes/reward.yaml, from DIR/runs/sft on data/comparisons -> DIR/runs/reward
-  dpo      configs/shapes/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo
+  dpo      configs/shapes/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo; with
+           comparisons.dpo_rounds > 1, more rounds, each from the last on comparisons of its own answers
   ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo
   eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT; best-of-n of SFT picked by
            the reward model -> DIR/eval/{reward_model,dpo,ppo,best_of_n}/
@@ -410,8 +411,10 @@ def _win_se(samples: list[dict], score: str) -> float:
 
 
 def _describe_eval(demo: Demo) -> str:
+    k = demo.plan["eval"]["best_of"]
     return (f"reward-model accuracy on {demo.path('data', 'preference')} (eval); DPO and PPO against SFT on "
-            f"{_prompts(demo)}; SFT's loss with real and shuffled images -> {demo.path('eval')}")
+            f"{_prompts(demo)}" + (f"; best-of-{k} of SFT picked by the reward model and the judge" if k else "")
+            + f"; SFT's loss with real and shuffled images -> {demo.path('eval')}")
 
 
 def _prompts(demo: Demo) -> str:
@@ -1157,7 +1160,8 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
             f"{pairs}, trained a reward model on them ({steps['reward']} steps; accuracy on {held_out}: "
             f"{_f(rm['accuracy'])} against the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and "
             f"{_f(rm.get('gold_accuracy'))} against the gold judge), and tuned the SFT policy on them with DPO "
-            f"({_dpo_steps(summary, steps['dpo'])}) and against the reward model with PPO ({steps['ppo']} iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
+            f"({_dpo_steps(summary, steps['dpo'])}) and against the reward model with PPO ({steps['ppo']} "
+            f"iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
             f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{reads}{quick}")
 
 
