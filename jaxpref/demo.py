@@ -40,7 +40,7 @@ where possible), not run, when OTHER_DIR finished it with the same plan entries 
 every stage it reads (Stage.needs) is reused too. Changing only the PPO settings re-runs ppo, eval and
 the report:
 
-    jaxpref demo --out runs/demo-ppo80 --reuse runs/demo --set ppo.max_steps=80
+    jaxpref demo --out runs/demo-ppo120 --reuse runs/demo --set ppo.max_steps=120
 """
 
 from __future__ import annotations
