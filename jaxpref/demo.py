@@ -1,6 +1,6 @@
 """`jaxpref demo`: the whole pipeline on the built-in shapes task, stage by stage, ending in a report.
 
-    jaxpref demo                                   # the full plan (~96 min on a 2-core CPU) -> runs/demo
+    jaxpref demo                                   # the full plan (~110 min on a 2-core CPU) -> runs/demo
     jaxpref demo --quick --out runs/demo-quick     # the quick plan (~9 min)
     jaxpref demo --quick --set sft.max_steps=50 --set eval.num=32     # change the plan: STAGE.KEY=VALUE
 
@@ -64,8 +64,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full 96 min (tower 18, pretrain 38), quick
-# ~9 min (7.2 min measured before the pretrain stage).
+# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~110 min (tower 18, pretrain 38-46, the
+# stages after SFT ~35 alone), quick ~9 min (7.2 min measured before the pretrain stage).
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
@@ -723,11 +723,12 @@ def _method_rows(summary: dict) -> list[tuple[str, dict]]:
 def format_summary(summary: dict, out: str) -> str:
     """The one screen printed at the end: stage times, the key numbers, where the report is."""
     stages = summary["stages"]
-    lines = [f"jaxpref demo ({'quick' if summary['quick'] else 'full'} plan): {out}", "  stage     wall time"]
-    lines += [f"  {name:<8}  {_duration(s['seconds']):>9}" + (f"  (reused from {s['reused_from']})"
-                                                            if "reused_from" in s else "")
+    w = max(len(name) for name in list(stages) + ["total"])
+    lines = [f"jaxpref demo ({'quick' if summary['quick'] else 'full'} plan): {out}", f"  {'stage':<{w}}  wall time"]
+    lines += [f"  {name:<{w}}  {_duration(s['seconds']):>9}" + (f"  (reused from {s['reused_from']})"
+                                                               if "reused_from" in s else "")
               for name, s in stages.items()]
-    lines.append(f"  {'total':<8}  {_duration(sum(s['seconds'] for s in stages.values())):>9}")
+    lines.append(f"  {'total':<{w}}  {_duration(sum(s['seconds'] for s in stages.values())):>9}")
     if rm := summary.get("reward_model"):
         lines.append(f"reward model: accuracy {_f(rm.get('accuracy'))} against the labels (ceiling "
                      f"{_f(rm.get('label_agreement'))}), {_f(rm.get('gold_accuracy'))} against the gold judge")
@@ -959,8 +960,8 @@ def write_report(out: str) -> str:
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
 
     lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
-    rows = " / ".join(str(plan["data"][f"{k}_rows"]) for k in DATA_KINDS)
-    what = {"data": f"{rows} train rows ({' / '.join(DATA_KINDS)}), {plan['data']['eval_rows']} eval rows each",
+    counts = " / ".join(str(plan["data"][f"{k}_rows"]) for k in DATA_KINDS)
+    what = {"data": f"{counts} train rows ({' / '.join(DATA_KINDS)}), {plan['data']['eval_rows']} eval rows each",
             "tower": f"{plan['tower']['steps']} steps x {plan['tower']['batch_size']} scenes, vision tower of "
                      f"`{plan['tower']['preset']}` -> `runs/tower`",
             "pretrain": f"{steps['pretrain']} steps of short questions from `runs/tower` -> `runs/pretrain`",
@@ -1174,7 +1175,7 @@ def add_demo_parser(subparsers):
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the quick plan (~9 min on a 2-core CPU) instead of the full one (~96 min)")
+                   help="the quick plan (~9 min on a 2-core CPU) instead of the full one (~110 min)")
     p.add_argument("--out", default="runs/demo",
                    help="output directory; re-running with it resumes (default: runs/demo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",

@@ -123,6 +123,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
         with Image.open(out / "img" / f"{name}.png") as im:
             assert im.width > 200 and im.height > 200
     assert "## Reward hacking" in report and "of 8 prompts" in report
+    assert "The first 8 held-out prompts with each model's response" in report  # NUM_EXAMPLES, 8 eval prompts
     page = (out / "examples.html").read_text()
     samples = [json.loads(line) for line in open(out / "eval" / "ppo" / "samples.jsonl")]
     assert page.count('src="data:image/png;base64,') == 8
