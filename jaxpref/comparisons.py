@@ -136,6 +136,8 @@ def collect(args: ComparisonArgs) -> dict:
         raise ValueError(f"comparisons need n >= 2 answers per prompt, got {args.n}")
     if args.pairs not in PAIRINGS:
         raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}, got {args.pairs!r}")
+    if not 0.0 <= args.label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {args.label_noise}")
     if args.mix and not args.mix_from:
         raise ValueError("mix needs mix_from (the preference dataset to take the rows from)")
     t0 = time.perf_counter()

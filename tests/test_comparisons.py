@@ -156,3 +156,5 @@ def test_the_cli_names_what_is_wrong(tiny, tmp_path):
     assert p.returncode == 2 and "nowhere" in p.stderr
     p = run("--data", str(tiny / "prompt"), "--mix", "3")
     assert p.returncode == 2 and "mix needs mix_from" in p.stderr
+    p = run("--data", str(tiny / "prompt"), "--label-noise", "1.5")  # refused before any sampling
+    assert p.returncode == 2 and "label_noise must be in [0, 1], got 1.5" in p.stderr and "answers" not in p.stderr
