@@ -141,17 +141,18 @@ def collect(args: ComparisonArgs) -> dict:
     if args.mix and not args.mix_from:
         raise ValueError("mix needs mix_from (the preference dataset to take the rows from)")
     t0 = time.perf_counter()
+    splits = [("train", args.num)]
+    if args.eval_from is None and args.eval_num != 0:
+        splits.append(("eval", args.eval_num))
+    # every split's rows checked before the model loads and anything is sampled or written
+    checked = {split: _prompt_rows(args.data, split, num, args.skip_unscorable) for split, num in splits}
     model = load_model(args.policy, "lm", make_mesh(1, -1, 1), "--policy")
     tokenizer = load_tokenizer(args.policy)
     stats: dict = {"args": dataclasses.asdict(args)}
     info = {"made_by": "jaxpref comparisons", **{k: v for k, v in dataclasses.asdict(args).items() if v is not None}}
     os.makedirs(args.out, exist_ok=True)
-    splits = [("train", args.num)]
-    if args.eval_from is None and args.eval_num != 0:
-        splits.append(("eval", args.eval_num))
     with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
-        for split, num in splits:
-            rows, skipped = _prompt_rows(args.data, split, num, args.skip_unscorable)
+        for split, (rows, skipped) in checked.items():
             samples = sample_answers(model, rows, tokenizer, args, desc=f"{split} answers")
             for s in samples:
                 f.write(json.dumps({"split": split, **s}) + "\n")
