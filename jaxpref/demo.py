@@ -225,11 +225,10 @@ def dpo_rounds_stage() -> Stage:
         return paths(demo, r - 1)[2], os.path.join(root, f"comparisons-{r}"), out
 
     def run(demo: Demo) -> dict:
-        from jaxpref.comparisons import ComparisonArgs, collect, format_stats
         from jaxpref.train import RUNNERS
 
         logging.getLogger("absl").setLevel(logging.WARNING)
-        c, rounds = demo.plan["comparisons"], demo.plan["comparisons"]["dpo_rounds"]
+        rounds = demo.plan["comparisons"]["dpo_rounds"]
         root = demo.path("runs", "dpo-rounds")
         os.makedirs(root, exist_ok=True)
         record = os.path.join(root, "rounds.json")
@@ -243,14 +242,7 @@ def dpo_rounds_stage() -> Stage:
                     stats = json.load(open(stats_file))["train"]
                 else:
                     print(f"  round {r}: comparisons of {start}'s answers -> {data}", flush=True)
-                    got = collect(ComparisonArgs(
-                        policy=start, data=demo.path("data", c["prompts"]), out=data, n=c["n"], pairs=c["pairs"],
-                        label_noise=c["label_noise"], num=c["num"] or None, eval_from=demo.path("data", "preference"),
-                        mix_from=demo.path("data", "preference") if c["mix"] else None, mix=c["mix"],
-                        seed=c["seed"] + 1000 * (r - 1), noise_seed=r - 1, skip_unscorable=c["prompts"] == "sft",
-                        max_new_tokens=demo.plan["eval"]["max_new_tokens"]))
-                    print("  " + format_stats(got).replace("\n", "\n  "), flush=True)
-                    stats = got["train"]
+                    stats = collect_comparisons(demo, start, data, r)
             print(f"  round {r}/{rounds}: DPO from {start} on {data} -> {out}", flush=True)
             RUNNERS["dpo"](trainer_config("dpo", demo, "comparisons", "sft", extra={
                 "output_dir": out, "model.name_or_path": start, "data.dataset_name": data}))
@@ -338,17 +330,24 @@ def stage_comparisons(demo: Demo) -> dict:
     """The SFT model's own answers, scored by the gold judge with label noise (the raters) and paired
     (jaxpref.comparisons): DIR/data/comparisons, on which the reward model and DPO train; its eval split
     is the generator's held-out pairs (data/preference), so the reward model's accuracy keeps its meaning."""
+    return {"comparisons": collect_comparisons(demo, demo.path("runs", "sft"), demo.path("data", "comparisons"))}
+
+
+def collect_comparisons(demo: Demo, policy: str, out: str, round_: int = 1) -> dict:
+    """jaxpref.comparisons.collect of `policy`'s answers with the plan's `comparisons` settings into
+    `out`, the eval split copied from data/preference; round r > 1 (DPO's later rounds) samples with
+    seed + 1000 (r - 1) and noise seed r - 1. Prints and returns the train split's counts."""
     from jaxpref.comparisons import ComparisonArgs, collect, format_stats
 
     c, data = demo.plan["comparisons"], demo.path("data", "preference")
-    stats = collect(ComparisonArgs(policy=demo.path("runs", "sft"), data=demo.path("data", c["prompts"]),
-                                   out=demo.path("data", "comparisons"), n=c["n"], pairs=c["pairs"],
-                                   label_noise=c["label_noise"], num=c["num"] or None, eval_from=data,
-                                   mix_from=data if c["mix"] else None, mix=c["mix"], seed=c["seed"],
+    stats = collect(ComparisonArgs(policy=policy, data=demo.path("data", c["prompts"]), out=out, n=c["n"],
+                                   pairs=c["pairs"], label_noise=c["label_noise"], num=c["num"] or None,
+                                   eval_from=data, mix_from=data if c["mix"] else None, mix=c["mix"],
+                                   seed=c["seed"] + 1000 * (round_ - 1), noise_seed=round_ - 1,
                                    skip_unscorable=c["prompts"] == "sft",  # its short questions have no judge
                                    max_new_tokens=demo.plan["eval"]["max_new_tokens"]))
     print("  " + format_stats(stats).replace("\n", "\n  "), flush=True)
-    return {"comparisons": stats["train"]}
+    return stats["train"]
 
 
 def _describe_comparisons(demo: Demo) -> str:
