@@ -246,6 +246,8 @@ def add_comparisons_parser(subparsers):
     p.add_argument("--skip-unscorable", action="store_true",
                    help="leave out rows whose prompt the judge cannot score (e.g. the SFT data's short questions)")
     p.add_argument("--seed", type=int, default=1000, help="sampling seed (default 1000)")
+    p.add_argument("--noise-seed", type=int, default=0,
+                   help="seed of which labels are swapped and of the mixed rows' order (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--batch-size", type=int, default=32)
@@ -257,7 +259,7 @@ def _main(args) -> int:
                         label_noise=args.label_noise, num=args.num or None,
                         eval_num=None if args.eval_num < 0 else args.eval_num, eval_from=args.eval_from,
                         mix_from=args.mix_from, mix=args.mix, skip_unscorable=args.skip_unscorable, seed=args.seed,
-                        max_new_tokens=args.max_new_tokens,
+                        noise_seed=args.noise_seed, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, batch_size=args.batch_size)
     try:
         stats = collect(ca)

@@ -148,9 +148,11 @@ def test_the_cli_names_what_is_wrong(tiny, tmp_path):
     p = run("--data", str(tmp_path / "sft"))
     assert p.returncode == 2 and "split 'train' row " in p.stderr and "the judge cannot score this prompt" in p.stderr
     p = run("--data", str(tmp_path / "sft"), "--skip-unscorable", "--eval-num", "0", "--mix-from",
-            str(tiny / "preference"), "--mix", "2")
+            str(tiny / "preference"), "--mix", "2", "--seed", "7", "--noise-seed", "3")
     assert p.returncode == 0, p.stderr[-2000:]
-    st = json.load(open(tmp_path / "o" / "comparisons.json"))["train"]
+    written = json.load(open(tmp_path / "o" / "comparisons.json"))
+    assert (written["args"]["seed"], written["args"]["noise_seed"]) == (7, 3)
+    st = written["train"]
     assert st["skipped"] > 0 and st["prompts"] + st["skipped"] == 24 and "the judge cannot score, skipped" in p.stdout
     p = run("--data", str(tmp_path / "nowhere"))
     assert p.returncode == 2 and "nowhere" in p.stderr
