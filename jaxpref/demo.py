@@ -78,7 +78,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
-                        "seed": 1000, "dpo_rounds": 2},
+                        "seed": 1000, "dpo_rounds": 5, "round_pairs": "all", "round_steps": 60},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
         "ppo": {"max_steps": 80, "eval_steps": 10, "save_steps": 10},
@@ -93,7 +93,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
-                        "seed": 1000, "dpo_rounds": 1},
+                        "seed": 1000, "dpo_rounds": 1, "round_pairs": "all", "round_steps": 20},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
         "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5},
@@ -210,7 +210,8 @@ def dpo_rounds_stage() -> Stage:
     """DPO, in `comparisons.dpo_rounds` rounds (online iterative DPO): round 1 trains from SFT on
     data/comparisons; each later round's start and reference is the previous round's policy, trained on
     comparisons of that policy's own answers (the comparisons stage's settings, new sampling and noise
-    seeds) in DIR/runs/dpo-rounds/comparisons-<r>. Rounds before the last train into
+    seeds, paired `comparisons.round_pairs`) in DIR/runs/dpo-rounds/comparisons-<r>, for
+    `comparisons.round_steps` steps. Rounds before the last train into
     DIR/runs/dpo-rounds/round-<r>, the last into DIR/runs/dpo (what the eval stage reads). A stopped run
     continues in its round: finished datasets (comparisons.json written) and rounds (rounds.json) are kept,
     a trainer resumes from its checkpoints."""
@@ -244,10 +245,15 @@ def dpo_rounds_stage() -> Stage:
                     print(f"  round {r}: comparisons of {start}'s answers -> {data}", flush=True)
                     stats = collect_comparisons(demo, start, data, r)
             print(f"  round {r}/{rounds}: DPO from {start} on {data} -> {out}", flush=True)
-            RUNNERS["dpo"](trainer_config("dpo", demo, "comparisons", "sft", extra={
-                "output_dir": out, "model.name_or_path": start, "data.dataset_name": data}))
+            extra = {"output_dir": out, "model.name_or_path": start, "data.dataset_name": data}
+            c = demo.plan["comparisons"]
+            if r > 1:  # later rounds: shorter, on more pairs per prompt (round_pairs), a sixth of them warm-up
+                extra.update({"max_steps": c["round_steps"], "warmup_steps": c["round_steps"] // 6})
+            cfg = trainer_config("dpo", demo, "comparisons", "sft", extra=extra)
+            RUNNERS["dpo"](cfg)
             done.append({"round": r, "start": os.path.relpath(start, demo.out), "data": os.path.relpath(data, demo.out),
-                         "output_dir": os.path.relpath(out, demo.out),
+                         "output_dir": os.path.relpath(out, demo.out), "max_steps": cfg.max_steps,
+                         "pairing": c["pairs"] if r == 1 else c["round_pairs"],
                          **{k: stats.get(k) for k in ("prompts", "pairs", "prompts_without_pair", "judge_score",
                                                       "best_judge_score")}})
             with open(record + ".tmp", "w") as f:
@@ -259,9 +265,11 @@ def dpo_rounds_stage() -> Stage:
         rounds = demo.plan["comparisons"]["dpo_rounds"]
         if rounds == 1:
             return base.describe(demo)
-        return (f"{rounds} rounds of {base.config(demo).max_steps} steps: from {demo.path('runs', 'sft')} on "
-                f"{demo.path('data', 'comparisons')}, then each round from the last on comparisons of its own answers "
-                f"-> {demo.path('runs', 'dpo')} (earlier rounds in {demo.path('runs', 'dpo-rounds')})")
+        c = demo.plan["comparisons"]
+        return (f"{rounds} rounds: {base.config(demo).max_steps} steps from {demo.path('runs', 'sft')} on "
+                f"{demo.path('data', 'comparisons')}, then {c['round_steps']} steps a round, each from the last on "
+                f"comparisons of its own answers (paired {c['round_pairs']}) -> {demo.path('runs', 'dpo')} "
+                f"(earlier rounds in {demo.path('runs', 'dpo-rounds')})")
 
     return dataclasses.replace(base, run=run, describe=describe, outputs=base.outputs + ("runs/dpo-rounds",),
                                results=("dpo_rounds",))
@@ -341,7 +349,7 @@ def collect_comparisons(demo: Demo, policy: str, out: str, round_: int = 1) -> d
 
     c, data = demo.plan["comparisons"], demo.path("data", "preference")
     stats = collect(ComparisonArgs(policy=policy, data=demo.path("data", c["prompts"]), out=out, n=c["n"],
-                                   pairs=c["pairs"], label_noise=c["label_noise"], num=c["num"] or None,
+                                   pairs=c["pairs"] if round_ == 1 else c["round_pairs"], label_noise=c["label_noise"], num=c["num"] or None,
                                    eval_from=data, mix_from=data if c["mix"] else None, mix=c["mix"],
                                    seed=c["seed"] + 1000 * (round_ - 1), noise_seed=round_ - 1,
                                    skip_unscorable=c["prompts"] == "sft",  # its short questions have no judge
@@ -480,7 +488,9 @@ def _check_comparisons(c: dict):
     checks = [("prompts", c["prompts"] in ("prompt", "sft"), "prompt or sft (the dataset whose prompts are answered)"),
               ("pairs", c["pairs"] in PAIRINGS, " or ".join(PAIRINGS)), ("n", c["n"] >= 2, ">= 2"),
               ("num", c["num"] >= 0, ">= 0 (0: every train prompt)"), ("mix", c["mix"] >= 0, ">= 0"),
-              ("label_noise", 0 <= c["label_noise"] <= 1, "in [0, 1]"), ("dpo_rounds", c["dpo_rounds"] >= 1, ">= 1")]
+              ("label_noise", 0 <= c["label_noise"] <= 1, "in [0, 1]"), ("dpo_rounds", c["dpo_rounds"] >= 1, ">= 1"),
+              ("round_pairs", c["round_pairs"] in PAIRINGS, " or ".join(PAIRINGS)),
+              ("round_steps", c["round_steps"] >= 1, ">= 1")]
     for key, ok, what in checks:
         if not ok:
             raise DemoError(f"--set comparisons.{key}: must be {what}, got {c[key]!r}")
@@ -508,6 +518,23 @@ def default_configs_dir() -> str:
             return d
     raise DemoError(f"no configs/shapes directory in {repo} or the working directory: pass --configs DIR "
                     f"(the directory holding sft.yaml, reward.yaml, dpo.yaml and ppo.yaml)")
+
+
+# the `comparisons` plan entries only DPO's later rounds read (the comparisons stage does not)
+ROUND_KEYS = ("dpo_rounds", "round_pairs", "round_steps")
+
+
+def stage_plan(plan: dict, name: str) -> dict | None:
+    """The plan entries stage `name` is made with (what --reuse compares): its own section, except that
+    DPO's round settings, kept in `comparisons`, belong to the dpo stage, and the comparisons' answers are
+    as long as the eval's (eval.max_new_tokens)."""
+    if name == "comparisons":
+        return {**{k: v for k, v in plan.get(name, {}).items() if k not in ROUND_KEYS},
+                "eval.max_new_tokens": plan.get("eval", {}).get("max_new_tokens")}
+    if name == "dpo":
+        rounds = plan.get("comparisons", {})
+        return {**plan.get(name, {}), **{f"comparisons.{k}": rounds.get(k) for k in ROUND_KEYS}}
+    return plan.get(name)
 
 
 def config_fingerprints(demo: Demo) -> dict[str, str]:
@@ -604,7 +631,7 @@ def reusable_stages(source: dict, plan: dict, fingerprints: dict) -> list[str]:
             if all(part in ok for part in stage.outputs):  # every entry of the plan's `data` is the same
                 ok.append("data")
         elif (stage.outputs and stage.name in done
-                and source.get("plan", {}).get(stage.name) == plan.get(stage.name)
+                and stage_plan(source.get("plan", {}), stage.name) == stage_plan(plan, stage.name)
                 and source.get("configs", {}).get(stage.name) == fingerprints.get(stage.name)
                 and all(n in ok for n in stage.needs)):
             ok.append(stage.name)
@@ -968,8 +995,9 @@ def write_report(out: str) -> str:
             "comparisons": _comparisons_what(summary, plan),
             "reward": f"{steps['reward']} steps from `runs/sft` on `data/comparisons` -> `runs/reward`",
             "dpo": (f"{steps['dpo']} steps from `runs/sft` on `data/comparisons` -> `runs/dpo`" if rounds == 1 else
-                    f"{rounds} rounds of {steps['dpo']} steps from `runs/sft`, each later round on comparisons of the "
-                    f"last round's answers -> `runs/dpo` (`runs/dpo-rounds/`)"),
+                    f"{rounds} rounds: {steps['dpo']} steps from `runs/sft`, then {plan['comparisons']['round_steps']} "
+                    f"steps a round on comparisons of the last round's answers (paired "
+                    f"{plan['comparisons']['round_pairs']}) -> `runs/dpo` (`runs/dpo-rounds/`)"),
             "ppo": f"{steps['ppo']} iterations from `runs/sft` against `runs/reward` -> `runs/ppo`",
             "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
@@ -1009,10 +1037,11 @@ def write_report(out: str) -> str:
     if len(summary.get("dpo_rounds", [])) > 1:
         lines += ["DPO's rounds: each round's comparisons, and the gold judge's mean score of the answers they were "
                   "made from (the policy the round starts from, on the train prompts; n answers per prompt):", "",
-                  "| round | starts from | pairs | prompts whose answers all score alike | judge score of its answers | "
-                  "of the best answer |", "|---|---|---|---|---|---|"]
+                  "| round | starts from | steps | pairing | pairs | prompts whose answers all score alike | "
+                  "judge score of its answers | of the best answer |", "|---|---|---|---|---|---|---|---|"]
         for d in summary["dpo_rounds"]:
-            lines.append(f"| {d['round']} | `{d['start']}` | {d['pairs']} | {d['prompts_without_pair']} | "
+            lines.append(f"| {d['round']} | `{d['start']}` | {d.get('max_steps', '-')} | {d.get('pairing', '-')} | "
+                         f"{d['pairs']} | {d['prompts_without_pair']} | "
                          f"{_f(d['judge_score'])} | {_f(d['best_judge_score'])} |")
         lines.append("")
     lines += ["### The judge's scores before and after", "",
@@ -1108,8 +1137,9 @@ def _best_of_n_lines(curve: list[dict], n: int) -> list[str]:
 
 def _dpo_steps(summary: dict, steps: int) -> str:
     rounds = summary["plan"]["comparisons"]["dpo_rounds"]
-    return (f"{steps} steps" if rounds == 1 else f"{rounds} rounds of {steps} steps, each round after the first "
-            f"from the last round's policy on comparisons of its own answers")
+    c = summary["plan"]["comparisons"]
+    return (f"{steps} steps" if rounds == 1 else f"{rounds} rounds ({steps} steps, then {c['round_steps']} a round), "
+            f"each round after the first from the last round's policy on comparisons of its own answers")
 
 
 def _md(text: str) -> str:

@@ -30,6 +30,7 @@ TINY = {
     "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.best_of": 2,
     # a 3-step SFT model's answers all score 0 (no pairs of its own): the generator's pairs fill in
     "comparisons.n": 2, "comparisons.mix": 16, "comparisons.dpo_rounds": 2,
+    "comparisons.round_pairs": "best-rest", "comparisons.round_steps": 1,
 }
 for _stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
     TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
@@ -89,7 +90,8 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert len((out / "data" / "comparisons" / "samples.jsonl").read_text().splitlines()) == 16
     assert f"collected comparisons of SFT's own answers (2 per prompt, scored by the gold judge with 10% of the " \
            f"labels flipped, as raters err: {c['pairs']} pairs)" in report
-    # two DPO rounds: the second from the first, on comparisons of the first's answers
+    # two DPO rounds: the second from the first, on comparisons of the first's answers (paired
+    # round_pairs, trained round_steps steps)
     rounds = s["dpo_rounds"]
     assert [(d["round"], d["start"], d["data"], d["output_dir"]) for d in rounds] == [
         (1, "runs/sft", "data/comparisons", "runs/dpo-rounds/round-1"),
@@ -97,10 +99,15 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert rounds[0]["pairs"] == c["pairs"] and (out / "runs" / "dpo-rounds" / "round-1" / "model.safetensors").exists()
     second = json.loads((out / "runs" / "dpo-rounds" / "comparisons-2" / "comparisons.json").read_text())
     assert second["args"]["policy"] == str(out / "runs" / "dpo-rounds" / "round-1") and second["args"]["seed"] == 2000
-    assert f"| 2 | `runs/dpo-rounds/round-1` | {second['train']['pairs']} |" in report
+    assert second["args"]["pairs"] == "best-rest"
+    assert json.loads((out / "data" / "comparisons" / "comparisons.json").read_text())["args"]["pairs"] == "best-worst"
+    assert f"| 2 | `runs/dpo-rounds/round-1` | 1 | best-rest | {second['train']['pairs']} |" in report
     last = yaml.safe_load((out / "runs" / "dpo" / "config.yaml").read_text())
     assert last["model"]["name_or_path"] == str(out / "runs" / "dpo-rounds" / "round-1") and last["ref_model"] is None
     assert last["data"]["dataset_name"] == str(out / "runs" / "dpo-rounds" / "comparisons-2")
+    assert (last["max_steps"], last["warmup_steps"]) == (1, 0)
+    round1 = yaml.safe_load((out / "runs" / "dpo-rounds" / "round-1" / "config.yaml").read_text())
+    assert round1["max_steps"] == 2
     # best-of-n of SFT: k = 1, 2, picked by the judge and the reward model
     curve = s["best_of_n"]
     assert [p["k"] for p in curve] == [1, 2] and curve[0]["oracle_win_rate"] == curve[0]["rm_pick_win_rate"]
@@ -236,12 +243,17 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     assert reusable(["reward.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "sft", "comparisons", "dpo"]
     # new comparisons: everything trained on them, and PPO against their reward model, run again
     assert reusable(["comparisons.n=3"]) == kinds + ["data", "tower", "pretrain", "sft"]
+    # DPO's round settings, kept in the comparisons section, are DPO's alone
+    more_rounds = kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward", "ppo"]
+    assert reusable(["comparisons.dpo_rounds=3"]) == reusable(["comparisons.round_steps=7"]) == more_rounds
+    assert reusable(["comparisons.round_pairs=all"]) == more_rounds
     assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain"]
     assert reusable(["tower.steps=5"]) == kinds + ["data"]
     assert reusable(["data.eval_rows=4"]) == ["tower"]  # every dataset has an eval split
     assert reusable(["data.label_noise=0.2"]) == ["data/short", "data/sft", "data/prompt", "tower", "pretrain", "sft"]
     assert reusable(["data.sft_rows=64"]) == ["data/short", "data/preference", "data/prompt", "tower", "pretrain"]
     assert reusable(["eval.num=4"]) == reusable(["eval.best_of=3"]) == everything[:-1]
+    assert reusable(["eval.max_new_tokens=16"]) == kinds + ["data", "tower", "pretrain", "sft"]  # answers' length
     del source["stages"]["pretrain"]  # not finished there: nothing after it either
     assert reusable([]) == kinds + ["data", "tower"]
 
