@@ -1021,7 +1021,7 @@ def write_report(out: str) -> str:
               f"{_f(rm.get('label_agreement'))} |",
               "", "![reward model accuracy](img/reward_model.png)", ""]
     if curve := summary.get("best_of_n"):
-        lines += _best_of_n_lines(curve, n)
+        lines += _best_of_n_lines(curve, n) + _agreement_lines(out)
 
     lines += [f"## DPO and PPO against SFT ({n} held-out prompts)", "",
               "Each model samples one response per prompt (temperature 0.7, the same random keys for all). "
@@ -1132,6 +1132,24 @@ def _best_of_n_lines(curve: list[dict], n: int) -> list[str]:
         lines.append(f"| {p['k']} | {p['kl_bound']:.2f} | {_f(p['oracle_win_rate'])} | {_f(p['oracle_judge_score'])} | "
                      f"{_f(p.get('rm_pick_win_rate'))} | {_f(p.get('rm_pick_judge_score'))} | "
                      f"{_f(p.get('rm_pick_reward_win_rate'))} |")
+    return lines + [""]
+
+
+def _agreement_lines(out: str) -> list[str]:
+    """Per question type: how often the reward model orders two of SFT's answers as the judge does
+    (jaxpref.eval.agreement_by_question over eval/best_of_n/best_of_n.jsonl)."""
+    from jaxpref.eval import agreement_by_question
+
+    path = os.path.join(out, "eval", "best_of_n", "best_of_n.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        agreement = agreement_by_question([json.loads(line) for line in f])
+    lines = ["Where the reward model can tell answers apart: of every two of SFT's answers to one prompt that "
+             "the judge scores differently (the candidates above), the share the reward model orders the same "
+             "way (0.5: chance):", "", "| question | prompts | pairs | agreement with the judge |", "|---|---|---|---|"]
+    for q, a in agreement.items():
+        lines.append(f"| {q} | {a['prompts']} | {a['pairs']} | {_f(a['agreement'])} |")
     return lines + [""]
 
 

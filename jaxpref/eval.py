@@ -150,7 +150,8 @@ def write_best_of_n(result: dict, out: str):
     """out/best_of_n.json (the curve, the args, n) and out/best_of_n.jsonl (every row's answers)."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "best_of_n.json"), "w") as f:
-        json.dump({"curve": result["curve"], "args": result["args"], "n": result["curve"][-1]["k"]}, f, indent=2)
+        json.dump({"curve": result["curve"], "args": result["args"], "n": result["curve"][-1]["k"],
+                   **({"agreement": result["agreement"]} if "agreement" in result else {})}, f, indent=2)
     with open(os.path.join(out, "best_of_n.jsonl"), "w") as f:
         for s in result["samples"]:
             f.write(json.dumps(s) + "\n")
@@ -245,7 +246,7 @@ def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args
     `args.seed` (as `compare` does), the policy draws n candidates with seeds seed+1 ... seed+n, and
     the gold judge scores all (rows need a `scene`), the reward model too when given. Returns
     {"curve": best_of_n_curve(...), "samples": [...]}: per row the reference's response and the n
-    candidates with their scores."""
+    candidates with their scores; with a reward model also "agreement" (agreement_by_question)."""
     from tqdm import tqdm
 
     from jaxpref.data.shapes import judge
@@ -281,7 +282,48 @@ def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args
         np.array([s["reference_judge"] for s in samples]), np.array([s["candidate_judge"] for s in samples]),
         np.array([s["candidate_reward"] for s in samples]) if reward_model is not None else None,
         np.array([s["reference_reward"] for s in samples]) if reward_model is not None else None)
-    return {"curve": curve, "samples": samples}
+    out = {"curve": curve, "samples": samples}
+    if reward_model is not None:
+        out["agreement"] = agreement_by_question(samples)
+    return out
+
+
+def judge_agreement(candidate_judge, candidate_reward) -> dict:
+    """How often a reward model orders two answers to one prompt as the gold judge does: over every two
+    candidates of a row (float[rows, n] scores) that the judge scores differently, the share whose
+    rewards differ the same way (equal rewards count 1/2). {"pairs": how many, "agreement": the share,
+    None without pairs}. Unlike accuracy on a fixed preference set, this is measured on the sampler's
+    own answers, the ones best-of-n and PPO ask the reward model to rank."""
+    cj, cr = np.asarray(candidate_judge, float), np.asarray(candidate_reward, float)
+    i, j = np.triu_indices(cj.shape[1], 1)
+    dj, dr = np.sign(cj[:, i] - cj[:, j]), np.sign(cr[:, i] - cr[:, j])
+    scored = dj != 0
+    agree = np.where(dr == 0, 0.5, (dr == dj).astype(float))[scored]
+    return {"pairs": int(scored.sum()), "agreement": float(agree.mean()) if agree.size else None}
+
+
+def agreement_by_question(samples: list[dict]) -> dict:
+    """judge_agreement over best_of_n's samples, for all rows and per question type of the built-in
+    task ({"all": ..., "color": ..., ...}; types without rows left out)."""
+    from jaxpref.data.shapes import QUESTIONS, Scene, parse_prompt
+
+    kinds = [parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question for s in samples]
+    out = {}
+    for q in ("all",) + QUESTIONS:
+        rows = [s for s, k in zip(samples, kinds) if q in ("all", k)]
+        if rows:
+            out[q] = {"prompts": len(rows), **judge_agreement([s["candidate_judge"] for s in rows],
+                                                              [s["candidate_reward"] for s in rows])}
+    return out
+
+
+def format_agreement(agreement: dict) -> str:
+    """agreement_by_question as lines of text."""
+    lines = ["reward model agrees with the judge on two answers to one prompt (pairs the judge scores differently):"]
+    for q, a in agreement.items():
+        share = "-" if a["agreement"] is None else f"{a['agreement']:.3f}"
+        lines.append(f"  {q:<10} {share} of {a['pairs']} pairs ({a['prompts']} prompts)")
+    return "\n".join(lines)
 
 
 def best_of_n_curve(reference_judge, candidate_judge, candidate_reward=None, reference_reward=None) -> list[dict]:
@@ -494,6 +536,8 @@ def _main(args) -> int:
             print(f"jaxpref eval: {e}", file=sys.stderr)
             return 2
         print(format_curve(result["curve"]))
+        if "agreement" in result:
+            print(format_agreement(result["agreement"]))
         if args.out:
             write_best_of_n(result, args.out)
             print(f"wrote {args.out}/best_of_n.json and {args.out}/best_of_n.jsonl")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, judge_bins,
                           judge_table, make_plan, reusable_stages, run_demo, trainer_config, write_summary)
+from jaxpref.eval import agreement_by_question
 from test_train import run_jaxpref
 
 # The quick plan shrunk to seconds: the tiny preset, 32x32 images, a handful of rows and steps, one
@@ -110,6 +111,9 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert round1["max_steps"] == 2
     # best-of-n of SFT: k = 1, 2, picked by the judge and the reward model
     curve = s["best_of_n"]
+    bon = [json.loads(line) for line in open(out / "eval" / "best_of_n" / "best_of_n.jsonl")]
+    agreement = agreement_by_question(bon)
+    assert agreement["all"]["prompts"] == 8 and f"| all | 8 | {agreement['all']['pairs']} |" in report
     assert [p["k"] for p in curve] == [1, 2] and curve[0]["oracle_win_rate"] == curve[0]["rm_pick_win_rate"]
     assert curve[1]["oracle_win_rate"] >= curve[1]["rm_pick_win_rate"] and "### Best-of-n" in report
     assert f"| 2 | 0.19 | {curve[1]['oracle_win_rate']:.3f} |" in report

@@ -163,6 +163,26 @@ def test_best_of_n_curve_against_a_row_by_row_count():
     assert curve[0]["oracle_win_rate"] == curve[0]["rm_pick_win_rate"] and curve[0]["kl_bound"] == 0.0
 
 
+def test_judge_agreement_against_a_pair_by_pair_count():
+    from jaxpref.eval import judge_agreement
+
+    rng = np.random.default_rng(1)
+    cj = rng.choice([0.0, 0.5, 1.0], (40, 5))
+    cr = rng.choice([-1.0, 0.0, 0.3, 2.0], (40, 5))  # ties in the reward too
+    agree, pairs = [], 0
+    for js, rs in zip(cj.tolist(), cr.tolist()):
+        for a in range(5):
+            for b in range(a + 1, 5):
+                if js[a] != js[b]:
+                    pairs += 1
+                    agree.append(0.5 if rs[a] == rs[b] else float((rs[a] > rs[b]) == (js[a] > js[b])))
+    got = judge_agreement(cj, cr)
+    assert got["pairs"] == pairs and got["agreement"] == pytest.approx(sum(agree) / pairs)
+    assert judge_agreement(cj, cj) == {"pairs": pairs, "agreement": 1.0}  # the judge agrees with itself
+    assert judge_agreement(cj, -cj)["agreement"] == 0.0
+    assert judge_agreement(np.ones((3, 4)), cr[:3, :4]) == {"pairs": 0, "agreement": None}
+
+
 def test_best_of_n_from_the_cli(models, tmp_path):
     env = dict(os.environ, XLA_FLAGS="")
     p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reference",
@@ -185,3 +205,10 @@ def test_best_of_n_from_the_cli(models, tmp_path):
                                            [s["candidate_reward"] for s in samples], 3)
     assert out["curve"][-1]["oracle_win_rate"] == pytest.approx(oracle)
     assert out["curve"][-1]["rm_pick_win_rate"] == pytest.approx(rm_pick)
+    # the reward model's agreement with the judge on these candidates, overall and per question type
+    from jaxpref.eval import judge_agreement
+
+    assert out["agreement"]["all"] == {"prompts": 12, **judge_agreement([s["candidate_judge"] for s in samples],
+                                                                        [s["candidate_reward"] for s in samples])}
+    assert sum(a["prompts"] for q, a in out["agreement"].items() if q != "all") == 12
+    assert "reward model agrees with the judge" in p.stdout
