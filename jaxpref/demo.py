@@ -18,6 +18,7 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   reward   configs/shapes/reward.yaml, from DIR/runs/sft on data/comparisons -> DIR/runs/reward
   dpo      configs/shapes/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo; with
            comparisons.dpo_rounds > 1, more rounds, each from the last on comparisons of its own answers
+           (paired comparisons.round_pairs, comparisons.round_steps steps)
   ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo
   eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT; best-of-n of SFT picked by
            the reward model -> DIR/eval/{reward_model,dpo,ppo,best_of_n}/
