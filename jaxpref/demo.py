@@ -345,12 +345,13 @@ def stage_comparisons(demo: Demo) -> dict:
 def collect_comparisons(demo: Demo, policy: str, out: str, round_: int = 1) -> dict:
     """jaxpref.comparisons.collect of `policy`'s answers with the plan's `comparisons` settings into
     `out`, the eval split copied from data/preference; round r > 1 (DPO's later rounds) samples with
-    seed + 1000 (r - 1) and noise seed r - 1. Prints and returns the train split's counts."""
+    seed + 1000 (r - 1) and noise seed r - 1 and pairs `round_pairs`. Prints and returns the train split's counts."""
     from jaxpref.comparisons import ComparisonArgs, collect, format_stats
 
     c, data = demo.plan["comparisons"], demo.path("data", "preference")
     stats = collect(ComparisonArgs(policy=policy, data=demo.path("data", c["prompts"]), out=out, n=c["n"],
-                                   pairs=c["pairs"] if round_ == 1 else c["round_pairs"], label_noise=c["label_noise"], num=c["num"] or None,
+                                   pairs=c["pairs"] if round_ == 1 else c["round_pairs"],
+                                   label_noise=c["label_noise"], num=c["num"] or None,
                                    eval_from=data, mix_from=data if c["mix"] else None, mix=c["mix"],
                                    seed=c["seed"] + 1000 * (round_ - 1), noise_seed=round_ - 1,
                                    skip_unscorable=c["prompts"] == "sft",  # its short questions have no judge
