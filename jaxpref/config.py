@@ -22,6 +22,10 @@ from typing import Any, Sequence
 import yaml
 
 
+# How a reward model's per-position values become one score (jaxpref.objectives.reward.pooled_scores).
+SCORE_POOLINGS = ("last", "mean")
+
+
 class ConfigError(ValueError):
     """A config file, key or value jaxpref cannot use."""
 
@@ -197,12 +201,18 @@ class RewardConfig(TrainingConfig):
     """Prompt + completion tokens (image tokens included); longer examples are truncated."""
     center_rewards_coefficient: float | None = None
     """Weight of mean((r_chosen + r_rejected)^2) in the loss, pulling rewards to mean zero (TRL suggests 0.01)."""
+    score_pooling: str = "last"
+    """How the scalar head's per-position values become one score: "last" (TRL: the last non-pad
+    token) or "mean" (jaxpref: the mean over the completion's tokens, so each answer token is scored
+    where it is read, e.g. a color word next to the image). Saved in the model's config.json, so PPO
+    and `jaxpref eval` read the reward model's scores the same way."""
 
     def validate(self) -> "RewardConfig":
         super().validate()
         _check(self.max_length is None or self.max_length >= 1, "max_length", "must be >= 1 or null")
         c = self.center_rewards_coefficient
         _check(c is None or c >= 0, "center_rewards_coefficient", "must be >= 0 or null")
+        _choice("score_pooling", self.score_pooling, SCORE_POOLINGS)
         return self
 
 

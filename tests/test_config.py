@@ -25,7 +25,9 @@ def test_defaults_follow_transformers_and_trl():
     assert (cfg.logging_steps, cfg.bf16, cfg.gradient_checkpointing) == (10, True, True)
     assert SFTConfig().learning_rate == 2e-5 and SFTConfig().max_length == 1024
     assert RewardConfig().learning_rate == 1e-4 and RewardConfig().center_rewards_coefficient is None
-    assert RewardConfig().max_length == 1024
+    assert RewardConfig().max_length == 1024 and RewardConfig().score_pooling == "last"  # TRL reads the last token
+    with pytest.raises(ConfigError, match=r"score_pooling: 'max' is not one of \['last', 'mean'\]"):
+        config_from_dict(RewardConfig, BASE, ["score_pooling=max"])
 
 
 def test_yaml_and_typed_overrides(tmp_path):

@@ -202,6 +202,10 @@ def test_clear_errors(checkpoints, tmp_path):
     other["model_type"] = "idefics3"
     with pytest.raises(ConfigError, match="unsupported model_type 'idefics3'"):
         load_pretrained(write("arch", tensors, json.dumps(other)))
+    other = json.loads(cfg_text)
+    other["jaxpref_score_pooling"] = "max"
+    with pytest.raises(ConfigError, match=r"config\.json.*jaxpref_score_pooling must be one of \('last', 'mean'\)"):
+        load_pretrained(write("pool", tensors, json.dumps(other)), head="scalar")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         p = tmp_path / "empty"
         p.mkdir()

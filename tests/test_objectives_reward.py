@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxpref.objectives.reward import last_token_values, reward_loss
+from jaxpref.objectives.reward import completion_mean_values, last_token_values, pooled_scores, reward_loss
 from jaxpref.objectives.sft import sft_loss
 
 
@@ -68,6 +68,24 @@ def test_last_token_values_reads_the_last_attended_position():
                      [0, 0, 1, 0, 0]])  # at 2
     values = np.arange(15, dtype=np.float32).reshape(3, 5)
     np.testing.assert_array_equal(np.asarray(last_token_values(values, mask)), [3.0, 9.0, 12.0])
+
+
+def test_mean_pooling_averages_the_completion_tokens_only():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(4, 7)).astype(np.float32)
+    completion = np.array([[0, 0, 1, 1, 1, 0, 0],
+                           [0, 0, 0, 0, 0, 0, 0],   # no completion: 0
+                           [1, 1, 1, 1, 1, 1, 1],
+                           [0, 0, 0, 0, 0, 0, 1]])
+    attention = np.maximum(completion, np.array([1, 1, 0, 0, 0, 0, 0]))
+    want = [values[i].astype(np.float64)[completion[i] > 0].mean() if completion[i].any() else 0.0 for i in range(4)]
+    np.testing.assert_allclose(np.asarray(completion_mean_values(values, completion)), want, rtol=1e-6)
+    seq = {"attention_mask": attention, "completion_mask": completion}
+    np.testing.assert_allclose(np.asarray(pooled_scores(values, seq, "mean")), want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pooled_scores(values, seq, "last")),
+                                  np.asarray(last_token_values(values, attention)))
+    with pytest.raises(ValueError, match="score pooling"):
+        pooled_scores(values, seq, "max")
 
 
 def trl_sft_reference(logits, ids, attention_mask, completion_mask):

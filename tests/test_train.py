@@ -4,6 +4,8 @@ the non-finite guard, metrics files, export) on the built-in task with the tiny 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxpref.config import RewardConfig, SFTConfig, config_from_dict
+from jaxpref.models.config import read_hf_config, to_hf_config
 from jaxpref.sharding import make_mesh
 from jaxpref.train import reward, sft
 from jaxpref.train.checkpoint import Checkpointer, complete_steps, resolve_resume
@@ -68,7 +71,7 @@ def synthetic_batch(model, rows, kind, seed):
 def setup(kind, mesh, total=10, **kw):
     cfg = make_cfg(kind, **kw)
     task = KINDS[kind][1]
-    model = build_model(cfg, task.head)
+    model = build_model(cfg, task.head, task.configure_model)
     steps = make_steps(task, cfg, model, mesh, total)
     state = init_state(initial_params(cfg, model, mesh), steps.tx, cfg.seed, steps.shardings)
     return cfg, model, steps, state
@@ -234,27 +237,68 @@ def test_bf16_compute_keeps_float32_master_params():
     assert any(changed)  # bf16 really computed differently
 
 
-def test_reward_step_scores_the_last_token_and_encodes_images_once():
-    """The step's rewards equal two separate scalar-head forwards (chosen, rejected) with pixels."""
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_reward_step_scores_and_encodes_images_once(pooling):
+    """The step's rewards equal two separate scalar-head forwards (chosen, rejected) with pixels,
+    read in float64 numpy: the last attended position ("last", TRL), or the mean over the
+    completion's tokens ("mean")."""
     from jaxpref.data.processing import concat_prompt_completion
-    from jaxpref.objectives.reward import last_token_values
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    _, model, _, state = setup("reward", mesh)
+    _, model, _, state = setup("reward", mesh, score_pooling=pooling)
+    assert model.config.score_pooling == pooling
     host = synthetic_batch(model, 4, "reward", seed=5)
+    host["chosen_mask"][1, :] = 0  # an empty completion scores 0 under "mean"
     rc, rr = jax.jit(lambda p, b: reward.rewards(p, b, model=model))(state.params, host)
 
     @jax.jit
     def separately(params, px, ids, mask, tt):  # pixels given: the image is encoded in this forward
-        values = model.apply({"params": params}, px, ids, mask, tt).logits
-        return last_token_values(values, mask)
+        return model.apply({"params": params}, px, ids, mask, tt).logits
 
     for name, got in (("chosen", rc), ("rejected", rr)):
         seq = concat_prompt_completion(host["prompt_ids"], host["prompt_mask"], host[f"{name}_ids"],
                                        host[f"{name}_mask"])
-        want = separately(state.params, host["pixel_values"], seq["input_ids"], seq["attention_mask"],
-                          seq["token_type_ids"])
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        values = np.asarray(separately(state.params, host["pixel_values"], seq["input_ids"], seq["attention_mask"],
+                                       seq["token_type_ids"]), np.float64)
+        if pooling == "last":
+            want = [v[np.flatnonzero(m)[-1]] for v, m in zip(values, seq["attention_mask"])]
+        else:
+            want = [v[m > 0].mean() if m.any() else 0.0 for v, m in zip(values, seq["completion_mask"])]
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    if pooling == "mean":
+        assert float(rc[1]) == 0.0
+
+
+def test_mean_pooled_reward_model_is_saved_and_read_back_as_trained(tiny_task, tmp_path):
+    """score_pooling=mean lands in the exported config.json, and the readers of a reward model
+    (load_pretrained, PPO's roles, eval's response_scores) score with it."""
+    from jaxpref.config import PPOConfig, load_config
+    from jaxpref.data.processing import concat_prompt_completion
+    from jaxpref.models import load_pretrained
+    from jaxpref.train.ppo import roles_of
+
+    out = tmp_path / "rm-mean"
+    cfg = load_config("reward", None, run_overrides(tiny_task, "reward", out, score_pooling="mean", max_steps=2,
+                                                    save_steps=2, eval_steps=2))
+    reward.run_reward(cfg)
+    assert json.loads((out / "config.json").read_text())["jaxpref_score_pooling"] == "mean"
+    model, params = load_pretrained(str(out), head="scalar")
+    assert model.config.score_pooling == "mean"
+    ppo_cfg = config_from_dict(PPOConfig, {"output_dir": "unused", "data": {"dataset_name": "unused"},
+                                           "model": {"name_or_path": "tiny"}, "reward_model_path": str(out)})
+    _, roles = roles_of(ppo_cfg, build_model(ppo_cfg, "lm"))
+    assert roles["reward"].config.score_pooling == "mean"
+
+    host = synthetic_batch(model, 3, "reward", seed=2)
+    got = reward.response_scores(model, params, host, host["chosen_ids"], host["chosen_mask"])
+    seq = concat_prompt_completion(host["prompt_ids"], host["prompt_mask"], host["chosen_ids"], host["chosen_mask"])
+    values = np.asarray(model.apply({"params": params}, host["pixel_values"], seq["input_ids"],
+                                    seq["attention_mask"], seq["token_type_ids"]).logits, np.float64)
+    want = [v[m > 0].mean() for v, m in zip(values, seq["completion_mask"])]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # A policy directory (no key) reads "last"; the default export writes no key.
+    assert read_hf_config(str(out)).score_pooling == "mean"
+    assert "jaxpref_score_pooling" not in to_hf_config(dataclasses.replace(model.config, score_pooling="last"))
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any
 
+from jaxpref.config import SCORE_POOLINGS
+
 FAMILIES = ("paligemma", "llava")
 VISION_KINDS = ("siglip", "clip")
 DECODER_KINDS = ("gemma", "llama")
@@ -84,6 +86,10 @@ class VLMConfig:
     position_offset: int = 0
     # Image + prefix attend bidirectionally when token_type_ids are given (PaliGemma).
     prefix_lm: bool = False
+    # How a scalar head's per-position values become one score (reward models): "last" (TRL's: the
+    # last non-pad token) or "mean" (over the completion's tokens). Stored in config.json as
+    # "jaxpref_score_pooling" when not "last", as HF keeps pad_token_id there for its classifiers.
+    score_pooling: str = "last"
     # The config.json this came from (kept so save_pretrained writes back what it read).
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
@@ -107,6 +113,8 @@ class VLMConfig:
         check(self.family in FAMILIES, f"family must be one of {FAMILIES}, got {self.family!r}")
         check(self.vision.kind in VISION_KINDS, f"vision.kind must be one of {VISION_KINDS}, got {self.vision.kind!r}")
         check(self.text.kind in DECODER_KINDS, f"text.kind must be one of {DECODER_KINDS}, got {self.text.kind!r}")
+        check(self.score_pooling in SCORE_POOLINGS,
+              f"jaxpref_score_pooling must be one of {SCORE_POOLINGS}, got {self.score_pooling!r}")
         check(self.projector in ("linear", "mlp"), f"projector must be 'linear' or 'mlp', got {self.projector!r}")
         for name, act in (("vision.hidden_act", self.vision.hidden_act), ("text.hidden_act", self.text.hidden_act),
                           ("projector_hidden_act", self.projector_hidden_act)):
@@ -211,6 +219,9 @@ def from_hf_config(hf: dict, where: str = "config.json") -> VLMConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", tc.get("tie_word_embeddings", tmt == "gemma"))),
         max_position_embeddings=int(tc.get("max_position_embeddings", 8192)),
     )
+    pooling = hf.get("jaxpref_score_pooling", "last")
+    if pooling not in SCORE_POOLINGS:
+        raise ConfigError(f"{where}: jaxpref_score_pooling must be one of {SCORE_POOLINGS}, got {pooling!r}")
     if mt == "paligemma":
         cfg = VLMConfig(
             family="paligemma", vision=vision, text=text, projector="linear",
@@ -218,7 +229,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> VLMConfig:
             image_token_index=int(hf.get("image_token_index", hf.get("image_token_id", 257152))),
             pad_token_id=int(tc.get("pad_token_id", hf.get("pad_token_id", 0)) or 0),
             bos_token_id=int(tc.get("bos_token_id", 2) or 2), eos_token_id=int(tc.get("eos_token_id", 1) or 1),
-            position_offset=1, prefix_lm=True, hf_config=hf)
+            position_offset=1, prefix_lm=True, score_pooling=pooling, hf_config=hf)
     else:
         layer = hf.get("vision_feature_layer", -2)
         if not isinstance(layer, int):
@@ -232,7 +243,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> VLMConfig:
             image_token_index=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
             pad_token_id=int(pad) if pad is not None else 0,
             bos_token_id=int(tc.get("bos_token_id", 1) or 1), eos_token_id=int(tc.get("eos_token_id", 2) or 2),
-            position_offset=0, prefix_lm=False, hf_config=hf)
+            position_offset=0, prefix_lm=False, score_pooling=pooling, hf_config=hf)
     return cfg.validate()
 
 
@@ -271,6 +282,8 @@ def to_hf_config(cfg: VLMConfig, dtype: str = "float32") -> dict:
                "image_seq_length": cfg.num_image_tokens, "tie_word_embeddings": t.tie_word_embeddings,
                "pad_token_id": cfg.pad_token_id}
     out.update(vision_config=vision, text_config=text, dtype=dtype, torch_dtype=dtype)
+    if cfg.score_pooling != "last":
+        out["jaxpref_score_pooling"] = cfg.score_pooling
     return out
 
 

@@ -77,6 +77,9 @@ class Task:
     # (cfg, mesh) -> global rows one step reads (default: per_device_train_batch_size x the batch
     # shards x gradient_accumulation_steps)
     step_rows: Callable[[TrainingConfig, Any], int] | None = None
+    # (model.name_or_path's VLMConfig, cfg) -> the VLMConfig to train (the reward model's
+    # score_pooling), or None: as it is
+    configure_model: Callable[[Any, TrainingConfig], Any] | None = None
 
     def source(self, cfg: TrainingConfig, split: str):
         """The source of `split` of cfg.data.dataset_name, as this task reads it."""
@@ -107,10 +110,13 @@ def load_params(spec: str, model: VLM, dtype: str, mesh, seed: int):
     return init_sharded(model, rng, mesh)
 
 
-def build_model(cfg: TrainingConfig, head: str) -> VLM:
-    """The VLM module (master dtype) for model.name_or_path: a preset or an HF directory's config."""
-    return VLM(model_config(cfg.model.name_or_path, "model.name_or_path"), head=head, dtype=DTYPES[cfg.model.dtype],
-               freeze_vision=cfg.model.freeze_vision)
+def build_model(cfg: TrainingConfig, head: str, configure: Callable | None = None) -> VLM:
+    """The VLM module (master dtype) for model.name_or_path: a preset or an HF directory's config,
+    passed through `configure(config, cfg)` when given (Task.configure_model)."""
+    config = model_config(cfg.model.name_or_path, "model.name_or_path")
+    if configure is not None:
+        config = configure(config, cfg)
+    return VLM(config, head=head, dtype=DTYPES[cfg.model.dtype], freeze_vision=cfg.model.freeze_vision)
 
 
 def initial_params(cfg: TrainingConfig, model: VLM, mesh):
@@ -255,7 +261,7 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
                        f"continue that run, or choose another output_dir")
     checkpointer = Checkpointer(ckpt_dir, save_total_limit=cfg.save_total_limit)
 
-    model = build_model(cfg, task.head)
+    model = build_model(cfg, task.head, task.configure_model)
     tokenizer = load_tokenizer(tokenizer_spec(cfg))
     processor = Processor(model.config, tokenizer, task.processor_config(cfg))
     source = task.source(cfg, cfg.data.dataset_train_split)

@@ -1,5 +1,6 @@
 """The reward model for VLMs (TRL's RewardTrainer, extended to images): a scalar head on the VLM
-backbone, scored at the last token of prompt + completion, trained on preference pairs.
+backbone, scored at the last token of prompt + completion (TRL's reading; `score_pooling: mean`
+averages the head over the completion's tokens instead), trained on preference pairs.
 
     jaxpref reward --config configs/shapes/reward.yaml [key=value ...]
 
@@ -10,6 +11,7 @@ Evaluation reports eval_accuracy: the held-out pairwise accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax.numpy as jnp
@@ -17,7 +19,8 @@ import jax.numpy as jnp
 from jaxpref.config import RewardConfig
 from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
 from jaxpref.models import VLM
-from jaxpref.objectives.reward import last_token_values, reward_loss
+from jaxpref.models.config import VLMConfig
+from jaxpref.objectives.reward import pooled_scores, reward_loss
 from jaxpref.train.loop import Task, run
 from jaxpref.train.sft import images
 from jaxpref.train.state import cast_floats
@@ -36,21 +39,22 @@ def rewards(params, batch: dict, *, model: VLM):
     features = None if px is None else model.apply(variables, px, method=VLM.encode_images)  # [B, n, N, E]
     chosen, rejected = (concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch[f"{c}_ids"],
                                                  batch[f"{c}_mask"]) for c in ("chosen", "rejected"))
-    seq = {k: interleave(chosen[k], rejected[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    seq = {k: interleave(chosen[k], rejected[k])
+           for k in ("input_ids", "attention_mask", "token_type_ids", "completion_mask")}
     values = model.apply(variables, None, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"],
                          image_features=None if features is None else jnp.repeat(features, 2, axis=0)).logits
-    r = last_token_values(values, seq["attention_mask"]).reshape(-1, 2)
+    r = pooled_scores(values.astype(jnp.float32), seq, model.config.score_pooling).reshape(-1, 2)
     return r[:, 0], r[:, 1]
 
 
 def response_scores(model: VLM, params, batch: dict, responses, response_mask):
-    """The reward model's score float32[B] at the last non-pad token of prompt + response (PPO's
-    scores, jaxpref eval's rewards): prompt_ids/prompt_mask int32[B, Lp] (left-padded), responses,
+    """The reward model's score float32[B] of prompt + response (PPO's scores, jaxpref eval's
+    rewards), read as the model's config.score_pooling says (TRL: the last non-pad token): prompt_ids/prompt_mask int32[B, Lp] (left-padded), responses,
     response_mask int32[B, T] (right-padded), pixel_values float32[B, n, H, W, 3]."""
     seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
     values = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
                          seq["attention_mask"], seq["token_type_ids"]).logits
-    return last_token_values(values.astype(jnp.float32), seq["attention_mask"])
+    return pooled_scores(values.astype(jnp.float32), seq, model.config.score_pooling)
 
 
 def loss_fn(params, batch: dict, *, model: VLM, center_rewards_coefficient: float | None):
@@ -75,7 +79,13 @@ def _make_loss(model: VLM, cfg: RewardConfig):
     return partial(loss_fn, model=model, center_rewards_coefficient=cfg.center_rewards_coefficient)
 
 
-TASK = Task(head="scalar", processor_config=processor_config, make_loss=_make_loss, count_tokens=count_tokens)
+def _configure_model(config: VLMConfig, cfg: RewardConfig) -> VLMConfig:
+    """The reward model reads its scores as cfg.score_pooling says (saved in its config.json)."""
+    return dataclasses.replace(config, score_pooling=cfg.score_pooling)
+
+
+TASK = Task(head="scalar", processor_config=processor_config, make_loss=_make_loss, count_tokens=count_tokens,
+            configure_model=_configure_model)
 
 
 def run_reward(cfg: RewardConfig) -> dict[str, float]:
