@@ -144,6 +144,8 @@ class Stage:
     needs: tuple[str, ...] = ()    # the stages whose outputs it reads
     outputs: tuple[str, ...] = ()  # what it writes, relative to DIR (--reuse copies these)
     results: tuple[str, ...] = ()  # the summary.json entries its run returns
+    # plan -> the plan entries it is made with (what --reuse compares); None: its own section
+    plan_entries: Callable[[dict], dict | None] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -272,8 +274,13 @@ def dpo_rounds_stage() -> Stage:
                 f"comparisons of its own answers (paired {c['round_pairs']}) -> {demo.path('runs', 'dpo')} "
                 f"(earlier rounds in {demo.path('runs', 'dpo-rounds')})")
 
+    def plan_entries(plan: dict) -> dict:
+        """dpo's section and DPO's round settings, which live in `comparisons` (ROUND_KEYS)."""
+        rounds = plan.get("comparisons", {})
+        return {**plan.get("dpo", {}), **{f"comparisons.{k}": rounds.get(k) for k in ROUND_KEYS}}
+
     return dataclasses.replace(base, run=run, describe=describe, outputs=base.outputs + ("runs/dpo-rounds",),
-                               results=("dpo_rounds",))
+                               results=("dpo_rounds",), plan_entries=plan_entries)
 
 
 def _has_checkpoints(output_dir: str) -> bool:
@@ -360,6 +367,17 @@ def collect_comparisons(demo: Demo, policy: str, out: str, round_: int = 1) -> d
     return stats["train"]
 
 
+# the `comparisons` plan entries only DPO's later rounds read (the comparisons stage does not)
+ROUND_KEYS = ("dpo_rounds", "round_pairs", "round_steps")
+
+
+def _comparisons_plan(plan: dict) -> dict:
+    """The comparisons stage's plan entries: its section but DPO's round settings (ROUND_KEYS), and
+    eval.max_new_tokens, which sets its answers' length."""
+    return {**{k: v for k, v in plan.get("comparisons", {}).items() if k not in ROUND_KEYS},
+            "eval.max_new_tokens": plan.get("eval", {}).get("max_new_tokens")}
+
+
 def _describe_comparisons(demo: Demo) -> str:
     c = demo.plan["comparisons"]
     prompts = f"the first {c['num']}" if c["num"] else "every"
@@ -443,7 +461,7 @@ STAGES: list[Stage] = [
     trainer("sft", data="sft", start="pretrain"),
     Stage("comparisons", stage_comparisons, _describe_comparisons, needs=("sft", "data/sft", "data/prompt",
                                                                           "data/preference"),
-          outputs=("data/comparisons",), results=("comparisons",)),
+          outputs=("data/comparisons",), results=("comparisons",), plan_entries=_comparisons_plan),
     trainer("reward", data="comparisons", start="sft"),
     dpo_rounds_stage(),
     trainer("ppo", data="prompt", start="sft", reward_model="reward"),
@@ -522,21 +540,9 @@ def default_configs_dir() -> str:
                     f"(the directory holding sft.yaml, reward.yaml, dpo.yaml and ppo.yaml)")
 
 
-# the `comparisons` plan entries only DPO's later rounds read (the comparisons stage does not)
-ROUND_KEYS = ("dpo_rounds", "round_pairs", "round_steps")
-
-
-def stage_plan(plan: dict, name: str) -> dict | None:
-    """The plan entries stage `name` is made with (what --reuse compares): its own section, except that
-    DPO's round settings, kept in `comparisons`, belong to the dpo stage, and the comparisons' answers are
-    as long as the eval's (eval.max_new_tokens)."""
-    if name == "comparisons":
-        return {**{k: v for k, v in plan.get(name, {}).items() if k not in ROUND_KEYS},
-                "eval.max_new_tokens": plan.get("eval", {}).get("max_new_tokens")}
-    if name == "dpo":
-        rounds = plan.get("comparisons", {})
-        return {**plan.get(name, {}), **{f"comparisons.{k}": rounds.get(k) for k in ROUND_KEYS}}
-    return plan.get(name)
+def stage_plan(plan: dict, stage: Stage) -> dict | None:
+    """The plan entries `stage` is made with (what --reuse compares): its `plan_entries`, or its own section."""
+    return stage.plan_entries(plan) if stage.plan_entries is not None else plan.get(stage.name)
 
 
 def config_fingerprints(demo: Demo) -> dict[str, str]:
@@ -633,7 +639,7 @@ def reusable_stages(source: dict, plan: dict, fingerprints: dict) -> list[str]:
             if all(part in ok for part in stage.outputs):  # every entry of the plan's `data` is the same
                 ok.append("data")
         elif (stage.outputs and stage.name in done
-                and stage_plan(source.get("plan", {}), stage.name) == stage_plan(plan, stage.name)
+                and stage_plan(source.get("plan", {}), stage) == stage_plan(plan, stage)
                 and source.get("configs", {}).get(stage.name) == fingerprints.get(stage.name)
                 and all(n in ok for n in stage.needs)):
             ok.append(stage.name)
@@ -826,19 +832,14 @@ def judge_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
     """The judge's scores before (SFT: the reference's responses, the same in every comparison) and after
     (each of METHODS), overall and per question type of the task: {"all" | question: {"prompts": n,
     "sft": scores, method: scores, f"{method}_win": win-rate vs SFT (ties 1/2), f"{method}_ties": ...}}."""
-    from jaxpref.data.shapes import QUESTIONS, Scene, parse_prompt
-    from jaxpref.eval import win
+    from jaxpref.eval import rows_by_question, win
 
     ref = samples[METHODS[0]]
     for m in METHODS:  # row i of every comparison must be the same held-out prompt
         if [s["index"] for s in samples[m]] != [s["index"] for s in ref]:
             raise ValueError(f"the {m} and {METHODS[0]} eval samples hold different prompts: re-run the eval stage")
-    kinds = [parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question for s in ref]
     table = {}
-    for q in ("all",) + QUESTIONS:
-        idx = [i for i, k in enumerate(kinds) if q in ("all", k)]
-        if not idx:
-            continue
+    for q, idx in rows_by_question(ref).items():
         row = {"prompts": len(idx), "sft": [ref[i]["reference_judge"] for i in idx]}
         for m in METHODS:
             pairs = [(samples[m][i]["policy_judge"], samples[m][i]["reference_judge"]) for i in idx]
@@ -1138,15 +1139,21 @@ def _best_of_n_lines(curve: list[dict], n: int) -> list[str]:
 
 
 def _agreement_lines(out: str) -> list[str]:
-    """Per question type: how often the reward model orders two of SFT's answers as the judge does
-    (jaxpref.eval.agreement_by_question over eval/best_of_n/best_of_n.jsonl)."""
+    """Per question type: how often the reward model orders two of SFT's answers as the judge does:
+    the eval stage's eval/best_of_n/best_of_n.json, or for demos evaluated before it stored the
+    agreement, jaxpref.eval.agreement_by_question over best_of_n.jsonl."""
     from jaxpref.eval import agreement_by_question
 
-    path = os.path.join(out, "eval", "best_of_n", "best_of_n.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        agreement = agreement_by_question([json.loads(line) for line in f])
+    stored, path = (os.path.join(out, "eval", "best_of_n", f) for f in ("best_of_n.json", "best_of_n.jsonl"))
+    agreement = None
+    if os.path.exists(stored):
+        with open(stored) as f:
+            agreement = json.load(f).get("agreement")
+    if agreement is None:
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            agreement = agreement_by_question([json.loads(line) for line in f])
     lines = ["Where the reward model can tell answers apart: of every two of SFT's answers to one prompt that "
              "the judge scores differently (the candidates above), the share the reward model orders the same "
              "way (0.5: chance):", "", "| question | prompts | pairs | agreement with the judge |", "|---|---|---|---|"]

@@ -302,19 +302,23 @@ def judge_agreement(candidate_judge, candidate_reward) -> dict:
     return {"pairs": int(scored.sum()), "agreement": float(agree.mean()) if agree.size else None}
 
 
-def agreement_by_question(samples: list[dict]) -> dict:
-    """judge_agreement over best_of_n's samples, for all rows and per question type of the built-in
-    task ({"all": ..., "color": ..., ...}; types without rows left out)."""
+def rows_by_question(samples: list[dict]) -> dict[str, list[int]]:
+    """Row indices of samples (each with the built-in task's "scene" JSON and "prompt") for all rows
+    and per question type: {"all": [...], "describe": [...], ...}, in QUESTIONS' order, types
+    without rows left out."""
     from jaxpref.data.shapes import QUESTIONS, Scene, parse_prompt
 
     kinds = [parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question for s in samples]
-    out = {}
-    for q in ("all",) + QUESTIONS:
-        rows = [s for s, k in zip(samples, kinds) if q in ("all", k)]
-        if rows:
-            out[q] = {"prompts": len(rows), **judge_agreement([s["candidate_judge"] for s in rows],
-                                                              [s["candidate_reward"] for s in rows])}
-    return out
+    groups = {q: [i for i, k in enumerate(kinds) if q in ("all", k)] for q in ("all",) + QUESTIONS}
+    return {q: idx for q, idx in groups.items() if idx}
+
+
+def agreement_by_question(samples: list[dict]) -> dict:
+    """judge_agreement over best_of_n's samples, for all rows and per question type of the built-in
+    task ({"all": ..., "color": ..., ...}; types without rows left out)."""
+    return {q: {"prompts": len(idx), **judge_agreement([samples[i]["candidate_judge"] for i in idx],
+                                                       [samples[i]["candidate_reward"] for i in idx])}
+            for q, idx in rows_by_question(samples).items()}
 
 
 def format_agreement(agreement: dict) -> str:

@@ -117,7 +117,8 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert [p["k"] for p in curve] == [1, 2] and curve[0]["oracle_win_rate"] == curve[0]["rm_pick_win_rate"]
     assert curve[1]["oracle_win_rate"] >= curve[1]["rm_pick_win_rate"] and "### Best-of-n" in report
     assert f"| 2 | 0.19 | {curve[1]['oracle_win_rate']:.3f} |" in report
-    assert json.loads((out / "eval" / "best_of_n" / "best_of_n.json").read_text())["curve"] == curve
+    stored = json.loads((out / "eval" / "best_of_n" / "best_of_n.json").read_text())
+    assert stored["curve"] == curve and stored["agreement"] == agreement  # the report's table is the stored one
     # the judge's scores before and after: the eval stage's win-rates again, counted per question type
     judges = judge_table({m: [json.loads(line) for line in open(out / "eval" / m / "samples.jsonl")]
                           for m in ("dpo", "ppo")})

@@ -183,6 +183,21 @@ def test_judge_agreement_against_a_pair_by_pair_count():
     assert judge_agreement(np.ones((3, 4)), cr[:3, :4]) == {"pairs": 0, "agreement": None}
 
 
+def test_rows_by_question_groups_rows_by_the_question_asked():
+    from jaxpref.data.shapes import QUESTIONS, sample_prompt, sample_scene
+    from jaxpref.eval import rows_by_question
+
+    rng = np.random.default_rng(3)
+    asked = ["color", "count", "color", "describe", "count", "color"]  # no locate question
+    samples = []
+    for q in asked:
+        scene = sample_scene(rng)
+        samples.append({"scene": scene.to_json(), "prompt": sample_prompt(scene, rng, q).text})
+    got = rows_by_question(samples)
+    assert got == {"all": list(range(6)), "describe": [3], "color": [0, 2, 5], "count": [1, 4]}
+    assert list(got) == ["all"] + [q for q in QUESTIONS if q in asked]
+
+
 def test_best_of_n_from_the_cli(models, tmp_path):
     env = dict(os.environ, XLA_FLAGS="")
     p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reference",
