@@ -205,7 +205,9 @@ class RewardConfig(TrainingConfig):
     """How the scalar head's per-position values become one score: "last" (TRL: the last non-pad
     token) or "mean" (jaxpref: the mean over the completion's tokens, so each answer token is scored
     where it is read, e.g. a color word next to the image). Saved in the model's config.json, so PPO
-    and `jaxpref eval` read the reward model's scores the same way."""
+    and `jaxpref eval` read the reward model's scores the same way. "mean" ranks given answers better
+    on the built-in task, but PPO can exploit it: a short answer with no wrong word scores like a
+    complete one (docs/TRAINING.md)."""
 
     def validate(self) -> "RewardConfig":
         super().validate()
