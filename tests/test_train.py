@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxpref.config import RewardConfig, SFTConfig, config_from_dict
-from jaxpref.models.config import read_hf_config, to_hf_config
+from jaxpref.models.config import from_hf_config, read_hf_config, to_hf_config
 from jaxpref.sharding import make_mesh
 from jaxpref.train import reward, sft
 from jaxpref.train.checkpoint import Checkpointer, complete_steps, resolve_resume
@@ -296,9 +296,10 @@ def test_mean_pooled_reward_model_is_saved_and_read_back_as_trained(tiny_task, t
                                     seq["attention_mask"], seq["token_type_ids"]).logits, np.float64)
     want = [v[m > 0].mean() for v, m in zip(values, seq["completion_mask"])]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-    # A policy directory (no key) reads "last"; the default export writes no key.
     assert read_hf_config(str(out)).score_pooling == "mean"
-    assert "jaxpref_score_pooling" not in to_hf_config(dataclasses.replace(model.config, score_pooling="last"))
+    # TRL's "last" writes no key, and a config.json without one (a policy's, transformers') reads "last"
+    default = to_hf_config(dataclasses.replace(model.config, score_pooling="last"))
+    assert "jaxpref_score_pooling" not in default and from_hf_config(default).score_pooling == "last"
 
 
 # ---------------------------------------------------------------------------
