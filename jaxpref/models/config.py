@@ -220,8 +220,6 @@ def from_hf_config(hf: dict, where: str = "config.json") -> VLMConfig:
         max_position_embeddings=int(tc.get("max_position_embeddings", 8192)),
     )
     pooling = hf.get("jaxpref_score_pooling", "last")
-    if pooling not in SCORE_POOLINGS:
-        raise ConfigError(f"{where}: jaxpref_score_pooling must be one of {SCORE_POOLINGS}, got {pooling!r}")
     if mt == "paligemma":
         cfg = VLMConfig(
             family="paligemma", vision=vision, text=text, projector="linear",
@@ -244,7 +242,10 @@ def from_hf_config(hf: dict, where: str = "config.json") -> VLMConfig:
             pad_token_id=int(pad) if pad is not None else 0,
             bos_token_id=int(tc.get("bos_token_id", 1) or 1), eos_token_id=int(tc.get("eos_token_id", 2) or 2),
             position_offset=0, prefix_lm=False, score_pooling=pooling, hf_config=hf)
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except ConfigError as e:  # name the file the bad value came from
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_hf_config(cfg: VLMConfig, dtype: str = "float32") -> dict:

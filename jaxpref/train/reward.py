@@ -49,8 +49,9 @@ def rewards(params, batch: dict, *, model: VLM):
 
 def response_scores(model: VLM, params, batch: dict, responses, response_mask):
     """The reward model's score float32[B] of prompt + response (PPO's scores, jaxpref eval's
-    rewards), read as the model's config.score_pooling says (TRL: the last non-pad token): prompt_ids/prompt_mask int32[B, Lp] (left-padded), responses,
-    response_mask int32[B, T] (right-padded), pixel_values float32[B, n, H, W, 3]."""
+    rewards), read as the model's config.score_pooling says (TRL: the last non-pad token):
+    prompt_ids/prompt_mask int32[B, Lp] (left-padded), responses, response_mask int32[B, T]
+    (right-padded), pixel_values float32[B, n, H, W, 3]."""
     seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
     values = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
                          seq["attention_mask"], seq["token_type_ids"]).logits
