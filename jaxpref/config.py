@@ -24,6 +24,7 @@ import yaml
 
 # How a reward model's per-position values become one score (jaxpref.objectives.reward.pooled_scores).
 SCORE_POOLINGS = ("last", "mean")
+REWARD_MODEL_TYPES = ("scalar", "implicit")  # PPOConfig.reward_model_type
 
 
 class ConfigError(ValueError):
@@ -275,7 +276,16 @@ class PPOConfig(TrainingConfig):
     learning_rate: float = 3e-6
     """Peak learning rate of AdamW (TRL's PPO default); the schedule advances once per iteration."""
     reward_model_path: str = ""
-    """The frozen reward model: an HF directory with a scalar head (jaxpref reward's output) (required)."""
+    """The frozen reward model (required): an HF directory with a scalar head (jaxpref reward's
+    output), or with reward_model_type "implicit" a DPO policy (jaxpref dpo's output)."""
+    reward_model_type: str = "scalar"
+    """"scalar" (TRL): the scalar head's score of prompt + response. "implicit" (jaxpref): DPO's
+    implicit reward, implicit_reward_beta x sum over the response's tokens of log pi_rm - log
+    pi_ref at temperature 1, pi_rm = reward_model_path, pi_ref = the reference (ref_model), which
+    must be the reference that DPO policy was trained against: a reward model trained on the
+    comparisons with DPO's loss (TRL's rewards/chosen, read as a reward)."""
+    implicit_reward_beta: float = 0.1
+    """beta of the implicit reward (reward_model_type "implicit"): the DPO run's beta."""
     value_model_path: str | None = None
     """The value model's start (null: reward_model_path, as TRL initialises it)."""
     ref_model: str | None = None
@@ -325,6 +335,8 @@ class PPOConfig(TrainingConfig):
         super().validate()
         _check(bool(self.reward_model_path), "reward_model_path", "is required")
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("reward_model_type", self.reward_model_type, REWARD_MODEL_TYPES)
+        _check(self.implicit_reward_beta > 0, "implicit_reward_beta", "must be > 0")
         _choice("frozen_dtype", self.frozen_dtype, ("float32", "bfloat16"))
         _check(self.stop_token in (None, "eos"), "stop_token", "must be 'eos' or null")
         for name in ("num_ppo_epochs", "num_mini_batches", "response_length", "eval_num_prompts"):

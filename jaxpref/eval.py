@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from functools import partial
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,7 +34,7 @@ from jaxpref.generate import generate
 from jaxpref.models import VLM, load_pretrained
 from jaxpref.objectives.dpo import completion_logps
 from jaxpref.sharding import make_mesh
-from jaxpref.train.reward import response_scores
+from jaxpref.train.reward import implicit_scores, response_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,9 @@ class EvalArgs:
     """Prompts to evaluate, the first in file order (None: the whole split)."""
     reward_model: str | None = None
     """A reward model directory (scalar head): adds rm_win_rate and the reward scores."""
+    implicit_reward_beta: float | None = None
+    """When given, reward_model is a DPO policy scored by its implicit reward, this beta x
+    log pi_rm(y|x) / pi_reference(y|x) (PPO's reward_model_type "implicit")."""
     tokenizer: str | None = None
     """Default: the policy directory's tokenizer."""
     max_new_tokens: int = 48
@@ -89,6 +93,27 @@ def _completion_logps(model: VLM, params, batch, tokens, mask):
 
 
 _reward = jax.jit(response_scores, static_argnames="model")
+_implicit = jax.jit(implicit_scores, static_argnames=("model", "ref_model", "beta"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplicitReward:
+    """A DPO policy read as a reward model: beta * log pi(y|x) / pi_ref(y|x) (implicit_scores)."""
+
+    model: VLM
+    params: Any
+    ref_model: VLM
+    ref_params: Any
+    beta: float
+
+
+def reward_scores(reward_model, batch, tokens, mask) -> np.ndarray:
+    """float[B] scores of the responses: `reward_model` is a (VLM, params) pair with a scalar head,
+    or an ImplicitReward."""
+    if isinstance(reward_model, ImplicitReward):
+        r = reward_model
+        return np.asarray(_implicit(r.model, r.params, r.ref_model, r.ref_params, batch, tokens, mask, beta=r.beta))
+    return np.asarray(_reward(reward_model[0], reward_model[1], batch, tokens, mask))
 
 
 def _rows(args: EvalArgs):
@@ -126,7 +151,14 @@ def _models_and_rows(args: EvalArgs):
     reference = load_model(args.reference, "lm", mesh, "--reference")
     if reference[0].config != policy[0].config:
         raise ValueError(f"--reference {args.reference} is not the policy's architecture")
-    rm = load_model(args.reward_model, "scalar", mesh, "--reward-model") if args.reward_model else None
+    rm = None
+    if args.reward_model and args.implicit_reward_beta is not None:
+        if args.implicit_reward_beta <= 0:
+            raise ValueError(f"--implicit-reward-beta must be > 0, got {args.implicit_reward_beta}")
+        rm = ImplicitReward(*load_model(args.reward_model, "lm", mesh, "--reward-model"), *reference,
+                            beta=args.implicit_reward_beta)
+    elif args.reward_model:
+        rm = load_model(args.reward_model, "scalar", mesh, "--reward-model")
     tokenizer = load_tokenizer(args.tokenizer or args.policy)
     rows = list(_rows(args))
     if not rows:
@@ -189,8 +221,7 @@ def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: 
                         - _completion_logps(reference[0], reference[1], batch, t, m))
         if reward_model is not None:
             for name in out:
-                out[name]["reward"] = np.asarray(_reward(reward_model[0], reward_model[1], batch,
-                                                         out[name]["tokens"], out[name]["mask"]))
+                out[name]["reward"] = reward_scores(reward_model, batch, out[name]["tokens"], out[name]["mask"])
         for i, row in enumerate(chunk):
             s = {"index": start + i, "prompt": _prompt_text(row.get("prompt")), "kl": float(kl[i])}
             for name in out:
@@ -266,7 +297,7 @@ def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args
             bar.update(len(chunk))
         if reward_model is not None:
             for d in drawn:
-                d["reward"] = np.asarray(_reward(reward_model[0], reward_model[1], batch, d["tokens"], d["mask"]))
+                d["reward"] = reward_scores(reward_model, batch, d["tokens"], d["mask"])
         for i, row in enumerate(chunk):
             prompt = _prompt_text(row.get("prompt"))
             texts = [_decode(tokenizer, cfg.eos_token_id, d["tokens"][i], d["lengths"][i]) for d in drawn]
@@ -493,6 +524,9 @@ def add_eval_parser(subparsers):
     p.add_argument("--split", default="eval", help="default: eval")
     p.add_argument("--num", type=int, default=200, help="prompts (default 200; 0: all)")
     p.add_argument("--reward-model", default=None, help="reward model directory: adds the reward-model win-rate")
+    p.add_argument("--implicit-reward-beta", type=float, default=None, metavar="BETA",
+                   help="--reward-model is a DPO policy: score by its implicit reward, BETA x log pi_rm / "
+                        "pi_reference (PPO's reward_model_type: implicit)")
     p.add_argument("--tokenizer", default=None, help="default: the policy directory's")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -530,7 +564,8 @@ def _main(args) -> int:
         print("jaxpref eval: --policy needs --reference", file=sys.stderr)
         return 2
     ea = EvalArgs(policy=args.policy, reference=args.reference, data=args.data, split=args.split,
-                  num=args.num or None, reward_model=args.reward_model, tokenizer=args.tokenizer,
+                  num=args.num or None, reward_model=args.reward_model,
+                  implicit_reward_beta=args.implicit_reward_beta, tokenizer=args.tokenizer,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy,
                   batch_size=args.batch_size, seed=args.seed)
     if args.best_of:

@@ -4,6 +4,7 @@ for real (KL > 0, scores from the judge and the reward model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,6 +61,19 @@ def test_another_policy_is_really_compared_and_the_cli_writes_files(models, tmp_
     assert m["win_rate"] == pytest.approx(np.mean([win(s["policy_judge"], s["reference_judge"]) for s in samples]))
     assert m["rm_win_rate"] == pytest.approx(np.mean([win(s["policy_reward"], s["reference_reward"]) for s in samples]))
     assert all(s["policy_judge"] == judge(s["scene"], s["prompt"], s["policy"]) for s in samples)
+
+
+def test_an_implicit_reward_model_scores_beta_times_the_log_ratio_to_the_reference(models):
+    """--implicit-reward-beta: the reward model is a DPO policy read as beta x log pi_rm / pi_reference.
+    With the policy itself as that model, the policy's reward is beta x its sample's KL term."""
+    args = EvalArgs(policy=str(models / "a"), reference=str(models / "b"), data=str(models / "prompt"),
+                    reward_model=str(models / "a"), implicit_reward_beta=0.5, batch_size=8, max_new_tokens=8)
+    samples = evaluate(args, progress=False)["samples"]
+    kl = np.array([s["kl"] for s in samples])
+    assert np.all(np.abs(kl) > 1e-3)
+    np.testing.assert_allclose([s["policy_reward"] for s in samples], 0.5 * kl, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="implicit-reward-beta must be > 0"):
+        evaluate(dataclasses.replace(args, implicit_reward_beta=0.0), progress=False)
 
 
 def test_the_judges_best_responses_beat_its_worst():

@@ -4,6 +4,7 @@ equals an uninterrupted one (full runs on the tiny task through the CLI)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -74,6 +75,60 @@ def test_rollout_log_probs_agree_with_the_update_and_masks_follow_the_stop_token
     assert float(metrics["policy/approxkl_avg"]) < 1e-8
     assert float(metrics["objective/kl"]) == pytest.approx(0.0, abs=1e-4)
     assert float(metrics["episode"]) == 8 and float(metrics["lr"]) == pytest.approx(1e-3)
+
+
+def _log_softmax64(logits):
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_implicit_reward_is_beta_times_the_dpo_policys_log_ratio_to_the_reference(tmp_path):
+    """reward_model_type=implicit: each rollout's score is beta x (log pi_rm(y|x) - log pi_ref(y|x)),
+    the response tokens' log-probs at temperature 1 (not the sampling temperature), summed up to and
+    including the stop token, in float64 numpy from each model's full forward; eval's implicit_scores
+    (its own forward passes) gives the same; missing_eos_penalty is subtracted after."""
+    from jaxpref.data.processing import concat_prompt_completion
+    from jaxpref.models import init_params, save_pretrained
+    from jaxpref.train.reward import implicit_scores
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tiny = build_model(make_cfg(), "lm")
+    save_pretrained(tiny, init_params(tiny, jax.random.key(7)), str(tmp_path / "dpo"))  # not the policy's init
+    beta, penalty = 0.3, 0.5
+    cfg, model, steps, state = setup(mesh, reward_model_path=str(tmp_path / "dpo"), reward_model_type="implicit",
+                                     implicit_reward_beta=beta, value_model_path="tiny", temperature=1.7,
+                                     missing_eos_penalty=penalty)
+    paths, models = ppo.roles_of(cfg, model)
+    assert models["reward"].head == "lm" and models["value"].head == "scalar"
+    batch = device_batch(prompts(model, 8, 0), mesh, None)
+    roles = ppo.compute_roles(cfg, models)
+    first = ppo.rollout(state, batch, steps.frozen, roles=roles, cfg=cfg)
+    # stop at a token row 0 draws third (the tiny random model rarely draws eos), so some rows stop
+    cfg = dataclasses.replace(cfg, stop_token_id=int(first["responses"][0, 2]))
+    ro = jax.jit(lambda s, b, f: ppo.rollout(s, b, f, roles=roles, cfg=cfg))(state, batch, steps.frozen)
+    responses, mask = np.asarray(ro["responses"]), np.asarray(ro["response_mask"])
+    seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], ro["responses"], ro["response_mask"])
+    ids, comp = np.asarray(seq["input_ids"]), np.asarray(seq["completion_mask"])
+
+    def logps(m, params):
+        logits = m.apply({"params": params}, batch["pixel_values"], seq["input_ids"], seq["attention_mask"],
+                         seq["token_type_ids"]).logits
+        lp = np.take_along_axis(_log_softmax64(logits)[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+        return (lp * comp[:, 1:]).sum(-1)
+
+    want = beta * (logps(models["reward"], steps.frozen["reward"]) - logps(models["ref"], steps.frozen["ref"]))
+    assert np.all(np.abs(want) > 1e-3)  # the two models differ
+    has_eos = (responses == cfg.stop_token_id).any(1)
+    assert has_eos.any() and not has_eos.all() and comp.sum() == mask.sum()
+    np.testing.assert_allclose(np.asarray(ro["scores"]), want - penalty * ~has_eos, rtol=1e-4, atol=1e-4)
+    independent = implicit_scores(models["reward"], steps.frozen["reward"], models["ref"], steps.frozen["ref"],
+                                  batch, ro["responses"], ro["response_mask"], beta)
+    np.testing.assert_allclose(np.asarray(independent), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="reward_model_type"):
+        make_cfg(reward_model_type="pairwise")
+    with pytest.raises(ConfigError, match="implicit_reward_beta: must be > 0"):
+        make_cfg(implicit_reward_beta=0.0)
 
 
 @needs8

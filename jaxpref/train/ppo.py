@@ -8,8 +8,9 @@ One training step is one PPO iteration, compiled as ONE jitted program:
      tokens per prompt at `temperature`; with stop_token(_id) every token after the first stop
      token is pad;
   2. scoring: the reference's log-probs (logits / (temperature + 1e-7)), the value model's values at
-     positions ctx-1 .. end-1, the reward model's score at the last non-pad token, minus
-     missing_eos_penalty for responses without a stop token;
+     positions ctx-1 .. end-1, the reward model's score at the last non-pad token (or, with
+     reward_model_type "implicit", DPO's implicit reward: beta x log pi_rm / pi_ref of the
+     response), minus missing_eos_penalty for responses without a stop token;
   3. rewards, KL, GAE, whitening and masks as TRL computes them (jaxpref.objectives.ppo);
   4. the update: num_ppo_epochs x num_mini_batches shuffled mini-batches (each accumulating
      gradient_accumulation_steps micro-batches), clipped policy loss + vf_coef x clipped value loss,
@@ -85,13 +86,31 @@ def response_logits(model: VLM, params, batch: dict, responses, response_mask):
     return out[:, lp - 1:lp - 1 + responses.shape[1]]
 
 
-def response_logprobs(model: VLM, params, batch, responses, response_mask, temperature: float):
-    """(log-probs float32[B, T] of the response tokens under logits / (temperature + 1e-7),
-    entropy float32[B, T] of that distribution)."""
-    logits = response_logits(model, params, batch, responses, response_mask).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits / (temperature + TEMPERATURE_EPS), axis=-1)
+def token_logprobs(logits, responses, temperature: float | None):
+    """(log-probs float32[B, T] of the response tokens under logits / (temperature + 1e-7), or the
+    logits as they are when temperature is None; entropy float32[B, T] of that distribution)."""
+    logits = logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits if temperature is None else logits / (temperature + TEMPERATURE_EPS), axis=-1)
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return jnp.take_along_axis(logp, responses[..., None], axis=-1)[..., 0], entropy
+
+
+def response_logprobs(model: VLM, params, batch, responses, response_mask, temperature: float):
+    """token_logprobs of the response under `model` at `temperature`."""
+    return token_logprobs(response_logits(model, params, batch, responses, response_mask), responses, temperature)
+
+
+def scores(roles: Roles, frozen, batch: dict, responses, response_mask, ref_logits, cfg: PPOConfig):
+    """The reward model's score float32[B] of each response: TRL's scalar head (reward_model_type
+    "scalar"), or DPO's implicit reward ("implicit"): implicit_reward_beta x the summed log-ratio of
+    the reward model (a DPO policy) to the reference at temperature 1, the reference's logits reused
+    from the KL term (train.reward.implicit_scores computes the same from scratch)."""
+    if cfg.reward_model_type == "scalar":
+        return response_scores(roles.reward, frozen["reward"], batch, responses, response_mask)
+    rm, _ = token_logprobs(response_logits(roles.reward, frozen["reward"], batch, responses, response_mask),
+                           responses, None)
+    ref, _ = token_logprobs(ref_logits, responses, None)
+    return cfg.implicit_reward_beta * jnp.sum((rm - ref) * response_mask, axis=1)
 
 
 # ---------------------------------------------------------------------------
@@ -122,9 +141,10 @@ def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_s
                     top_k=0, greedy=False, cache_sharding=cache_sharding)
     responses = gen.tokens  # pad after the first stop token already (the sampler stops there)
     response_mask = (jnp.cumsum(responses == mc.pad_token_id, axis=1) == 0).astype(jnp.int32)
-    ref_logprobs, _ = response_logprobs(roles.ref, frozen["ref"], batch, responses, response_mask, cfg.temperature)
+    ref_logits = response_logits(roles.ref, frozen["ref"], batch, responses, response_mask)
+    ref_logprobs, _ = token_logprobs(ref_logits, responses, cfg.temperature)
     values = response_logits(roles.value, params["value"], batch, responses, response_mask).astype(jnp.float32)
-    score = response_scores(roles.reward, frozen["reward"], batch, responses, response_mask)
+    score = scores(roles, frozen, batch, responses, response_mask, ref_logits, cfg)
     has_stop = jnp.any(jnp.isin(responses, jnp.asarray(stops or (-1,), jnp.int32)), axis=1)
     if cfg.missing_eos_penalty is not None:
         score = jnp.where(has_stop, score, score - cfg.missing_eos_penalty)
@@ -249,7 +269,8 @@ def roles_of(cfg: PPOConfig, policy: VLM) -> tuple[dict[str, str], dict[str, VLM
     models = {"policy": policy,
               "value": _role_model(paths["value"], "scalar", policy.dtype, "value_model_path", policy, trained=True),
               "ref": _role_model(paths["ref"], "lm", frozen, "ref_model", policy),
-              "reward": _role_model(paths["reward"], "scalar", frozen, "reward_model_path", policy)}
+              "reward": _role_model(paths["reward"], "lm" if cfg.reward_model_type == "implicit" else "scalar",
+                                    frozen, "reward_model_path", policy)}
     if models["ref"].config != policy.config:
         raise ConfigError(f"ref_model: {paths['ref']} is not the policy's architecture")
     return paths, models
@@ -308,7 +329,7 @@ def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh
     """params -> eval metrics: the policy against the reference on held-out prompts (jaxpref.eval),
     samples written to output_dir/samples/step-N.jsonl."""
     from jaxpref.data.tokenizer import load_tokenizer
-    from jaxpref.eval import EvalArgs, compare, first_rows, summarize
+    from jaxpref.eval import EvalArgs, ImplicitReward, compare, first_rows, summarize
     from jaxpref.train.loop import tokenizer_spec
 
     rows = list(first_rows(cfg.data.dataset_name, cfg.data.dataset_test_split, cfg.eval_num_prompts))
@@ -316,9 +337,12 @@ def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh
     args = EvalArgs(policy="", reference="", data=cfg.data.dataset_name, max_new_tokens=cfg.response_length,
                     temperature=cfg.temperature, batch_size=cfg.per_device_eval_batch_size * batch_shards(mesh),
                     seed=cfg.seed, max_prompt_length=cfg.max_prompt_length, length_buckets=cfg.data.length_buckets)
+    reward = (models["reward"], frozen["reward"])
+    if cfg.reward_model_type == "implicit":
+        reward = ImplicitReward(*reward, models["ref"], frozen["ref"], beta=cfg.implicit_reward_beta)
+
     def host_eval(params, step: int) -> dict:
-        samples = compare((policy, params["policy"]), (models["ref"], frozen["ref"]),
-                          (models["reward"], frozen["reward"]), rows, tokenizer, args)
+        samples = compare((policy, params["policy"]), (models["ref"], frozen["ref"]), reward, rows, tokenizer, args)
         if jax.process_index() == 0:
             out = os.path.join(cfg.output_dir, "samples")
             os.makedirs(out, exist_ok=True)
