@@ -19,7 +19,8 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   dpo      configs/shapes/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo; with
            comparisons.dpo_rounds > 1, more rounds, each from the last on comparisons of its own answers
            (paired comparisons.round_pairs, comparisons.round_steps steps)
-  ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo
+  ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo (with
+           ppo.reward_model_type=implicit: against DPO's first round read as a reward model, ppo_config)
   eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT; best-of-n of SFT picked by
            the reward model -> DIR/eval/{reward_model,dpo,ppo,best_of_n}/
   report   DIR/report.md, DIR/img/*.png, DIR/examples.html
@@ -185,10 +186,12 @@ def _override_text(value) -> str:
 
 
 def trainer(kind: str, data: str, start: str | None = None, reward_model: str | None = None,
-            name: str | None = None) -> Stage:
-    """A stage `name` (default: `kind`) running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...)."""
+            name: str | None = None, config: Callable[[Demo], Any] | None = None,
+            needs: tuple[str, ...] = ()) -> Stage:
+    """A stage `name` (default: `kind`) running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...),
+    or on `config(demo)` when given (reading the stages `needs` too)."""
     name = name or kind
-    config = lambda demo: trainer_config(kind, demo, data, start, reward_model, name)
+    config = config or (lambda demo: trainer_config(kind, demo, data, start, reward_model, name))
 
     def run(demo: Demo):
         from jaxpref.train import RUNNERS
@@ -200,13 +203,33 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
         cfg = config(demo)
         unit = "iterations" if kind == "ppo" else "steps"
         extra = f" + reward model {cfg.reward_model_path}" if kind == "ppo" else ""
+        if kind == "ppo" and cfg.reward_model_type == "implicit":
+            extra += f" (its implicit reward, beta {cfg.implicit_reward_beta}; value model from {cfg.value_model_path})"
         resumed = " (resuming from its last checkpoint)" if _has_checkpoints(cfg.output_dir) else ""
         return (f"{cfg.max_steps} {unit} from {cfg.model.name_or_path}{extra} on {cfg.data.dataset_name} "
                 f"-> {cfg.output_dir}{resumed}")
 
     # a dataset a stage makes is reused with that stage (the data stage's datasets, one by one)
-    needs = (data if data in DATA_STAGES else f"data/{data}",) + tuple(s for s in (start, reward_model) if s is not None)
+    needs = ((data if data in DATA_STAGES else f"data/{data}",) + tuple(s for s in (start, reward_model) if s is not None)
+             + needs)
     return Stage(name, run, describe, config, needs=needs, outputs=(os.path.join("runs", name),))
+
+
+def dpo_round_dir(demo: Demo, r: int) -> str:
+    """Where DPO's round r trains: DIR/runs/dpo for the last round, DIR/runs/dpo-rounds/round-<r> before it."""
+    rounds = demo.plan["comparisons"]["dpo_rounds"]
+    return demo.path("runs", "dpo") if r == rounds else demo.path("runs", "dpo-rounds", f"round-{r}")
+
+
+def ppo_config(demo: Demo):
+    """configs/shapes/ppo.yaml from DIR/runs/sft against DIR/runs/reward; with reward_model_type
+    "implicit", against DPO's first round (trained on the same comparisons as the reward model, so both
+    reward models saw the same labels), the value model starting from DIR/runs/reward."""
+    cfg = trainer_config("ppo", demo, "prompt", "sft", "reward")
+    if cfg.reward_model_type != "implicit":
+        return cfg
+    return trainer_config("ppo", demo, "prompt", "sft", extra={
+        "reward_model_path": dpo_round_dir(demo, 1), "value_model_path": cfg.value_model_path or cfg.reward_model_path})
 
 
 def dpo_rounds_stage() -> Stage:
@@ -222,8 +245,7 @@ def dpo_rounds_stage() -> Stage:
 
     def paths(demo: Demo, r: int) -> tuple[str, str, str]:
         """(start, data, output_dir) of round r."""
-        rounds, root = demo.plan["comparisons"]["dpo_rounds"], demo.path("runs", "dpo-rounds")
-        out = demo.path("runs", "dpo") if r == rounds else os.path.join(root, f"round-{r}")
+        root, out = demo.path("runs", "dpo-rounds"), dpo_round_dir(demo, r)
         if r == 1:
             return demo.path("runs", "sft"), demo.path("data", "comparisons"), out
         return paths(demo, r - 1)[2], os.path.join(root, f"comparisons-{r}"), out
@@ -464,7 +486,7 @@ STAGES: list[Stage] = [
           outputs=("data/comparisons",), results=("comparisons",), plan_entries=_comparisons_plan),
     trainer("reward", data="comparisons", start="sft"),
     dpo_rounds_stage(),
-    trainer("ppo", data="prompt", start="sft", reward_model="reward"),
+    trainer("ppo", data="prompt", start="sft", reward_model="reward", config=ppo_config, needs=("dpo",)),
     Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "sft", "reward")
           + METHODS, outputs=("eval",),
           results=("reward_model", "sft", "best_of_n") + METHODS),
@@ -986,7 +1008,8 @@ def write_report(out: str) -> str:
     rounds = plan["comparisons"]["dpo_rounds"]
     model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the pretrain stage
     n = summary["ppo"]["num_prompts"]
-    lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model), ""]
+    lines = ["# jaxpref demo: the shapes task, end to end", "",
+             _paragraph(summary, steps, model, _ppo_reward_text(out)), ""]
 
     lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
     counts = " / ".join(str(plan["data"][f"{k}_rows"]) for k in DATA_KINDS)
@@ -1001,7 +1024,7 @@ def write_report(out: str) -> str:
                     f"{rounds} rounds: {steps['dpo']} steps from `runs/sft`, then {plan['comparisons']['round_steps']} "
                     f"steps a round on comparisons of the last round's answers (paired "
                     f"{plan['comparisons']['round_pairs']}) -> `runs/dpo` (`runs/dpo-rounds/`)"),
-            "ppo": f"{steps['ppo']} iterations from `runs/sft` against `runs/reward` -> `runs/ppo`",
+            "ppo": f"{steps['ppo']} iterations from `runs/sft` against {_ppo_reward_text(out)} -> `runs/ppo`",
             "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
                     + " -> `eval/`",
@@ -1119,6 +1142,19 @@ def _comparisons_what(summary: dict, plan: dict) -> str:
             f"of the labels flipped, {c['pairs']}{made} -> `data/comparisons`")
 
 
+def _ppo_reward_text(out: str) -> str:
+    """What PPO was tuned against, from runs/ppo/config.yaml: `runs/reward`, or DPO's implicit reward."""
+    import yaml
+
+    with open(os.path.join(out, "runs", "ppo", "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    rm = f"`{os.path.relpath(cfg['reward_model_path'], out)}`"
+    if cfg.get("reward_model_type", "scalar") != "implicit":
+        return f"the reward model {rm}"
+    return (f"the implicit reward of {rm} (beta {cfg['implicit_reward_beta']} x log pi / pi_sft; value model from "
+            f"`{os.path.relpath(cfg['value_model_path'], out)}`)")
+
+
 def _best_of_n_lines(curve: list[dict], n: int) -> list[str]:
     """The best-of-n table: what the reward model buys when it picks among SFT's own answers, against
     what the gold judge's pick reaches (the ceiling of tuning at that KL)."""
@@ -1174,7 +1210,7 @@ def _md(text: str) -> str:
     return (text or "(empty)").replace("|", "\\|").replace("\n", " ")
 
 
-def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
+def _paragraph(summary: dict, steps: dict, model: str | None, ppo_reward: str = "the reward model") -> str:
     rm, sft = summary["reward_model"], summary["sft"]
     n = summary["ppo"]["num_prompts"]
     if model is None:
@@ -1217,7 +1253,7 @@ def _paragraph(summary: dict, steps: dict, model: str | None) -> str:
             f"{pairs}, trained a reward model on them ({steps['reward']} steps; accuracy on {held_out}: "
             f"{_f(rm['accuracy'])} against the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and "
             f"{_f(rm.get('gold_accuracy'))} against the gold judge), and tuned the SFT policy on them with DPO "
-            f"({_dpo_steps(summary, steps['dpo'])}) and against the reward model with PPO ({steps['ppo']} "
+            f"({_dpo_steps(summary, steps['dpo'])}) and with PPO against {ppo_reward} ({steps['ppo']} "
             f"iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
             f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{reads}{quick}")
 

@@ -293,6 +293,16 @@ def test_plan_settings_and_trainer_configs():
         "DIR/runs/ppo", "DIR/data/prompt", "DIR/runs/sft", "DIR/runs/reward")
     assert ppo.max_steps == PLANS["full"]["ppo"]["max_steps"] and ppo.kl_coef == 0.1
     assert ppo.resume_from_checkpoint is True and ppo.response_length == 48  # the rest is configs/shapes/ppo.yaml
+    # the ppo stage's config: the YAML's scalar reward model, or DPO's first round read as one
+    stage = next(s for s in STAGES if s.name == "ppo")
+    assert stage.config(demo).reward_model_path == "DIR/runs/reward" and "dpo" in stage.needs
+    for sets, first_round in (([], "DIR/runs/dpo-rounds/round-1"), (["comparisons.dpo_rounds=1"], "DIR/runs/dpo")):
+        implicit = Demo(out="DIR", plan=make_plan(False, ["ppo.reward_model_type=implicit"] + sets), quick=False,
+                        configs=default_configs_dir())
+        cfg = stage.config(implicit)
+        assert (cfg.reward_model_type, cfg.reward_model_path, cfg.value_model_path) == (
+            "implicit", first_round, "DIR/runs/reward")
+        assert "its implicit reward, beta 0.1" in stage.describe(implicit)
     sft = trainer_config("sft", demo, "sft", start="pretrain")
     assert sft.model.name_or_path == "DIR/runs/pretrain" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
     assert sft.model.freeze_vision  # configs/shapes/sft.yaml: the pretrained tower stays as it is
@@ -320,6 +330,19 @@ def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_p
                  configs=default_configs_dir())
     with pytest.raises(DemoError, match="'steps': 3.*'steps': 4"):
         stage_tower(other)
+
+
+def test_the_report_names_the_reward_ppo_was_tuned_against(tmp_path):
+    from jaxpref.demo import _ppo_reward_text
+
+    os.makedirs(tmp_path / "runs" / "ppo")
+    config = tmp_path / "runs" / "ppo" / "config.yaml"
+    config.write_text(f"reward_model_path: {tmp_path}/runs/reward\n")
+    assert _ppo_reward_text(str(tmp_path)) == "the reward model `runs/reward`"
+    config.write_text(f"reward_model_path: {tmp_path}/runs/dpo-rounds/round-1\nreward_model_type: implicit\n"
+                      f"implicit_reward_beta: 0.1\nvalue_model_path: {tmp_path}/runs/reward\n")
+    assert _ppo_reward_text(str(tmp_path)) == ("the implicit reward of `runs/dpo-rounds/round-1` (beta 0.1 x log pi / "
+                                               "pi_sft; value model from `runs/reward`)")
 
 
 def test_judge_bins_split_the_scores_at_0_one_half_and_1():
