@@ -152,6 +152,8 @@ def _models_and_rows(args: EvalArgs):
     if reference[0].config != policy[0].config:
         raise ValueError(f"--reference {args.reference} is not the policy's architecture")
     rm = None
+    if args.implicit_reward_beta is not None and not args.reward_model:
+        raise ValueError("--implicit-reward-beta needs --reward-model (the DPO policy whose implicit reward it is)")
     if args.reward_model and args.implicit_reward_beta is not None:
         if args.implicit_reward_beta <= 0:
             raise ValueError(f"--implicit-reward-beta must be > 0, got {args.implicit_reward_beta}")

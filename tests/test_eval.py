@@ -74,6 +74,8 @@ def test_an_implicit_reward_model_scores_beta_times_the_log_ratio_to_the_referen
     np.testing.assert_allclose([s["policy_reward"] for s in samples], 0.5 * kl, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="implicit-reward-beta must be > 0"):
         evaluate(dataclasses.replace(args, implicit_reward_beta=0.0), progress=False)
+    with pytest.raises(ValueError, match="implicit-reward-beta needs --reward-model"):
+        evaluate(dataclasses.replace(args, reward_model=None), progress=False)
 
 
 def test_the_judges_best_responses_beat_its_worst():
