@@ -283,7 +283,7 @@ class PPOConfig(TrainingConfig):
     implicit reward, implicit_reward_beta x sum over the response's tokens of log pi_rm - log
     pi_ref at temperature 1, pi_rm = reward_model_path, pi_ref = the reference (ref_model), which
     must be the reference that DPO policy was trained against: a reward model trained on the
-    comparisons with DPO's loss (TRL's rewards/chosen, read as a reward)."""
+    comparisons with DPO's loss (the rewards/chosen jaxpref dpo logs, read as a reward)."""
     implicit_reward_beta: float = 0.1
     """beta of the implicit reward (reward_model_type "implicit"): the DPO run's beta."""
     value_model_path: str | None = None

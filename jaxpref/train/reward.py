@@ -63,8 +63,8 @@ def implicit_scores(model: VLM, params, ref_model: VLM, ref_params, batch: dict,
                     beta: float):
     """DPO's implicit reward float32[B] of prompt + response, a DPO policy read as a reward model:
     beta * (log pi(y|x) - log pi_ref(y|x)), each the sum of the response tokens' log-probs at
-    temperature 1 (TRL's rewards/chosen). `model` is the DPO policy (LM head), `ref_model` the
-    reference it was trained against; arguments as response_scores'."""
+    temperature 1 (the rewards/chosen jaxpref dpo logs). `model` is the DPO policy (LM head),
+    `ref_model` the reference it was trained against; arguments as response_scores'."""
     seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
 
     def logps(m: VLM, p):
