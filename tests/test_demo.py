@@ -248,8 +248,9 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     assert reusable(["reward.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "sft", "comparisons", "dpo"]
     # new comparisons: everything trained on them, and PPO against their reward model, run again
     assert reusable(["comparisons.n=3"]) == kinds + ["data", "tower", "pretrain", "sft"]
-    # DPO's round settings, kept in the comparisons section, are DPO's alone
-    more_rounds = kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward", "ppo"]
+    # DPO's round settings, kept in the comparisons section, are DPO's, and PPO reads DPO (its first
+    # round is PPO's reward model with ppo.reward_model_type=implicit), so both run again
+    more_rounds = kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward"]
     assert reusable(["comparisons.dpo_rounds=3"]) == reusable(["comparisons.round_steps=7"]) == more_rounds
     assert reusable(["comparisons.round_pairs=all"]) == more_rounds
     assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain"]
