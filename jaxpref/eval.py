@@ -34,7 +34,7 @@ from jaxpref.generate import generate
 from jaxpref.models import VLM, load_pretrained
 from jaxpref.objectives.dpo import completion_logps
 from jaxpref.sharding import make_mesh
-from jaxpref.train.reward import implicit_scores, response_scores
+from jaxpref.train.reward import response_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +93,13 @@ def _completion_logps(model: VLM, params, batch, tokens, mask):
 
 
 _reward = jax.jit(response_scores, static_argnames="model")
-_implicit = jax.jit(implicit_scores, static_argnames=("model", "ref_model", "beta"))
 
 
 @dataclasses.dataclass(frozen=True)
 class ImplicitReward:
-    """A DPO policy read as a reward model: beta * log pi(y|x) / pi_ref(y|x) (implicit_scores)."""
+    """A DPO policy read as a reward model: beta * (log pi(y|x) - log pi_ref(y|x)), each the sum of
+    the response tokens' log-probs at temperature 1 (the rewards/chosen jaxpref dpo logs); `ref_model`
+    is the reference the DPO policy was trained against."""
 
     model: VLM
     params: Any
@@ -112,7 +113,8 @@ def reward_scores(reward_model, batch, tokens, mask) -> np.ndarray:
     or an ImplicitReward."""
     if isinstance(reward_model, ImplicitReward):
         r = reward_model
-        return np.asarray(_implicit(r.model, r.params, r.ref_model, r.ref_params, batch, tokens, mask, beta=r.beta))
+        return r.beta * (np.asarray(_completion_logps(r.model, r.params, batch, tokens, mask))
+                         - np.asarray(_completion_logps(r.ref_model, r.ref_params, batch, tokens, mask)))
     return np.asarray(_reward(reward_model[0], reward_model[1], batch, tokens, mask))
 
 

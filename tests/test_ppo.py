@@ -86,11 +86,11 @@ def _log_softmax64(logits):
 def test_implicit_reward_is_beta_times_the_dpo_policys_log_ratio_to_the_reference(tmp_path):
     """reward_model_type=implicit: each rollout's score is beta x (log pi_rm(y|x) - log pi_ref(y|x)),
     the response tokens' log-probs at temperature 1 (not the sampling temperature), summed up to and
-    including the stop token, in float64 numpy from each model's full forward; eval's implicit_scores
+    including the stop token, in float64 numpy from each model's full forward; eval's reward_scores
     (its own forward passes) gives the same; missing_eos_penalty is subtracted after."""
     from jaxpref.data.processing import concat_prompt_completion
     from jaxpref.models import init_params, save_pretrained
-    from jaxpref.train.reward import implicit_scores
+    from jaxpref.eval import ImplicitReward, reward_scores
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tiny = build_model(make_cfg(), "lm")
@@ -122,8 +122,8 @@ def test_implicit_reward_is_beta_times_the_dpo_policys_log_ratio_to_the_referenc
     has_eos = (responses == cfg.stop_token_id).any(1)
     assert has_eos.any() and not has_eos.all() and comp.sum() == mask.sum()
     np.testing.assert_allclose(np.asarray(ro["scores"]), want - penalty * ~has_eos, rtol=1e-4, atol=1e-4)
-    independent = implicit_scores(models["reward"], steps.frozen["reward"], models["ref"], steps.frozen["ref"],
-                                  batch, ro["responses"], ro["response_mask"], beta)
+    independent = reward_scores(ImplicitReward(models["reward"], steps.frozen["reward"], models["ref"],
+                                               steps.frozen["ref"], beta), batch, ro["responses"], ro["response_mask"])
     np.testing.assert_allclose(np.asarray(independent), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="reward_model_type"):
         make_cfg(reward_model_type="pairwise")

@@ -104,7 +104,7 @@ def scores(roles: Roles, frozen, batch: dict, responses, response_mask, ref_logi
     """The reward model's score float32[B] of each response: TRL's scalar head (reward_model_type
     "scalar"), or DPO's implicit reward ("implicit"): implicit_reward_beta x the summed log-ratio of
     the reward model (a DPO policy) to the reference at temperature 1, the reference's logits reused
-    from the KL term (train.reward.implicit_scores computes the same from scratch)."""
+    from the KL term (jaxpref.eval.reward_scores computes the same from its own forward passes)."""
     if cfg.reward_model_type == "scalar":
         return response_scores(roles.reward, frozen["reward"], batch, responses, response_mask)
     rm, _ = token_logprobs(response_logits(roles.reward, frozen["reward"], batch, responses, response_mask),

@@ -20,7 +20,6 @@ from jaxpref.config import RewardConfig
 from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
 from jaxpref.models import VLM
 from jaxpref.models.config import VLMConfig
-from jaxpref.objectives.dpo import completion_logps
 from jaxpref.objectives.reward import pooled_scores, reward_loss
 from jaxpref.train.loop import Task, run
 from jaxpref.train.sft import images
@@ -57,22 +56,6 @@ def response_scores(model: VLM, params, batch: dict, responses, response_mask):
     values = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
                          seq["attention_mask"], seq["token_type_ids"]).logits
     return pooled_scores(values.astype(jnp.float32), seq, model.config.score_pooling)
-
-
-def implicit_scores(model: VLM, params, ref_model: VLM, ref_params, batch: dict, responses, response_mask,
-                    beta: float):
-    """DPO's implicit reward float32[B] of prompt + response, a DPO policy read as a reward model:
-    beta * (log pi(y|x) - log pi_ref(y|x)), each the sum of the response tokens' log-probs at
-    temperature 1 (the rewards/chosen jaxpref dpo logs). `model` is the DPO policy (LM head),
-    `ref_model` the reference it was trained against; arguments as response_scores'."""
-    seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
-
-    def logps(m: VLM, p):
-        logits = m.apply({"params": cast_floats(p, m.dtype)}, images(batch), seq["input_ids"], seq["attention_mask"],
-                         seq["token_type_ids"]).logits
-        return completion_logps(logits.astype(jnp.float32), seq["input_ids"], seq["completion_mask"])
-
-    return beta * (logps(model, params) - logps(ref_model, ref_params))
 
 
 def loss_fn(params, batch: dict, *, model: VLM, center_rewards_coefficient: float | None):
