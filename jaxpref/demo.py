@@ -210,8 +210,8 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
                 f"-> {cfg.output_dir}{resumed}")
 
     # a dataset a stage makes is reused with that stage (the data stage's datasets, one by one)
-    needs = ((data if data in DATA_STAGES else f"data/{data}",) + tuple(s for s in (start, reward_model) if s is not None)
-             + needs)
+    needs = ((data if data in DATA_STAGES else f"data/{data}",)
+             + tuple(s for s in (start, reward_model) if s is not None) + needs)
     return Stage(name, run, describe, config, needs=needs, outputs=(os.path.join("runs", name),))
 
 
@@ -1008,8 +1008,8 @@ def write_report(out: str) -> str:
     rounds = plan["comparisons"]["dpo_rounds"]
     model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the pretrain stage
     n = summary["ppo"]["num_prompts"]
-    lines = ["# jaxpref demo: the shapes task, end to end", "",
-             _paragraph(summary, steps, model, _ppo_reward_text(out)), ""]
+    ppo_reward = _ppo_reward_text(out)
+    lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model, ppo_reward), ""]
 
     lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
     counts = " / ".join(str(plan["data"][f"{k}_rows"]) for k in DATA_KINDS)
@@ -1024,7 +1024,7 @@ def write_report(out: str) -> str:
                     f"{rounds} rounds: {steps['dpo']} steps from `runs/sft`, then {plan['comparisons']['round_steps']} "
                     f"steps a round on comparisons of the last round's answers (paired "
                     f"{plan['comparisons']['round_pairs']}) -> `runs/dpo` (`runs/dpo-rounds/`)"),
-            "ppo": f"{steps['ppo']} iterations from `runs/sft` against {_ppo_reward_text(out)} -> `runs/ppo`",
+            "ppo": f"{steps['ppo']} iterations from `runs/sft` against {ppo_reward} -> `runs/ppo`",
             "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
                     + " -> `eval/`",
