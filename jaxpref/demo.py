@@ -22,7 +22,8 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo (with
            ppo.reward_model_type=implicit: against DPO's first round read as a reward model, ppo_config)
   eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT; best-of-n of SFT picked by
-           the reward model -> DIR/eval/{reward_model,dpo,ppo,best_of_n}/
+           the reward model; each model's reads (greedy answers to held-out short questions)
+           -> DIR/eval/{reward_model,dpo,ppo,best_of_n,reads/<model>}/
   report   DIR/report.md, DIR/img/*.png, DIR/examples.html
 
 A trainer stage's config is its YAML file (configs/shapes/<stage>.yaml) read by
@@ -69,7 +70,8 @@ import numpy as np
 # On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~110 min (tower 18, pretrain 38-46, the
 # stages after SFT ~35 alone), quick ~9 min (7.2 min measured before the pretrain stage).
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
-# of that trainer's config); `eval`: held-out prompts (0: every eval row).
+# of that trainer's config); `eval`: held-out prompts (0: every eval row), best-of-n's largest n (0: none) and
+# the held-out short questions each model answers (`reads`, jaxpref.eval.short_answer_reads; 0: none).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
@@ -84,7 +86,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
         "ppo": {"max_steps": 80, "eval_steps": 10, "save_steps": 10},
-        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 8},
+        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 8, "reads": 1024},
     },
     "quick": {
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
@@ -99,7 +101,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
         "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5},
-        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 4},
+        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 4, "reads": 128},
     },
 }
 
@@ -108,6 +110,7 @@ DATA_KINDS = ("short", "sft", "preference", "prompt")
 DATA_SETTINGS = {"short": ("short_rows",), "sft": ("sft_rows", "sft_short_fraction"),
                  "preference": ("preference_rows", "label_noise", "corrected_fraction"), "prompt": ("prompt_rows",)}
 METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
+READ_MODELS = ("pretrain", "sft") + METHODS  # the models whose reads the eval stage measures
 DATA_STAGES = ("comparisons",)  # datasets made by a stage of their own (DIR/data/<name>), after the data stage
 NUM_EXAMPLES = 8  # held-out prompts in the example grid
 
@@ -412,8 +415,8 @@ def _describe_comparisons(demo: Demo) -> str:
 def stage_eval(demo: Demo) -> dict:
     """The reward model's held-out accuracy, and DPO and PPO against SFT (jaxpref.eval), written to
     DIR/eval/<name>/; returns summary.json's result entries."""
-    from jaxpref.eval import (EvalArgs, evaluate, evaluate_best_of_n, image_reliance, reward_model_accuracy, write,
-                              write_best_of_n)
+    from jaxpref.eval import (EvalArgs, evaluate, evaluate_best_of_n, image_reliance, reward_model_accuracy,
+                              short_answer_reads, write, write_best_of_n, write_reads)
 
     p = demo.plan["eval"]
     rm = reward_model_accuracy(demo.path("runs", "reward"), demo.path("data", "preference"), "eval", num=None,
@@ -448,6 +451,14 @@ def stage_eval(demo: Demo) -> dict:
     if rows:  # does SFT read the image? its loss on the sft eval split with each row's image and another's
         out["sft"]["image"] = image_reliance(demo.path("runs", "sft"), demo.path("data", "sft"), "eval", num=rows,
                                              batch_size=p["batch_size"])
+    if p.get("reads"):  # what each model reads off the image: greedy answers to held-out short questions
+        out["reads"] = {}
+        for name in READ_MODELS:
+            if os.path.isdir(demo.path("runs", name)):  # pretrain: skipped when SFT starts from another model
+                print(f"  {name}: greedy answers to {p['reads']} held-out short questions", flush=True)
+                r = short_answer_reads(demo.path("runs", name), num=p["reads"], batch_size=p["batch_size"])
+                write_reads(r, demo.path("eval", "reads", name))
+                out["reads"][name] = {k: v for k, v in r.items() if k != "samples"}
     return out
 
 
@@ -461,9 +472,12 @@ def _win_se(samples: list[dict], score: str) -> float:
 
 def _describe_eval(demo: Demo) -> str:
     k = demo.plan["eval"]["best_of"]
+    reads = demo.plan["eval"].get("reads")
     return (f"reward-model accuracy on {demo.path('data', 'preference')} (eval); DPO and PPO against SFT on "
             f"{_prompts(demo)}" + (f"; best-of-{k} of SFT picked by the reward model and the judge" if k else "")
-            + f"; SFT's loss with real and shuffled images -> {demo.path('eval')}")
+            + f"; SFT's loss with real and shuffled images"
+            + (f"; {', '.join(READ_MODELS)} on {reads} held-out short questions" if reads else "")
+            + f" -> {demo.path('eval')}")
 
 
 def _prompts(demo: Demo) -> str:
@@ -487,9 +501,9 @@ STAGES: list[Stage] = [
     trainer("reward", data="comparisons", start="sft"),
     dpo_rounds_stage(),
     trainer("ppo", data="prompt", start="sft", reward_model="reward", config=ppo_config, needs=("dpo",)),
-    Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "sft", "reward")
-          + METHODS, outputs=("eval",),
-          results=("reward_model", "sft", "best_of_n") + METHODS),
+    Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "pretrain", "sft",
+                                                     "reward") + METHODS, outputs=("eval",),
+          results=("reward_model", "sft", "best_of_n", "reads") + METHODS),
     Stage("report", stage_report, lambda demo: f"{demo.path('report.md')}, {demo.path('img')}/, "
                                                f"{demo.path('examples.html')}"),
 ]
@@ -1027,7 +1041,8 @@ def write_report(out: str) -> str:
             "ppo": f"{steps['ppo']} iterations from `runs/sft` against {ppo_reward} -> `runs/ppo`",
             "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
-                    + " -> `eval/`",
+                    + (f"; each model's reads on {plan['eval']['reads']} short questions" if plan["eval"].get("reads")
+                       else "") + " -> `eval/`",
             "report": "this file, `img/`, `examples.html`"}
     stages = dict(summary["stages"])
     stages.setdefault("report", None)  # this stage: still running
@@ -1087,6 +1102,7 @@ def write_report(out: str) -> str:
                  for m in METHODS]
         lines.append(f"| {q} | {row['prompts']} | {_f(float(np.mean(row['sft'])))} | " + " | ".join(cells) + " |")
     lines += ["", "![judge scores](img/judge_scores.png)", ""]
+    lines += _reads_lines(summary)
     lines += ["PPO per iteration (held-out evaluations every "
               f"{plan['ppo'].get('eval_steps', '?')} iterations):", "", "![PPO](img/ppo.png)", ""]
 
@@ -1132,6 +1148,33 @@ def write_report(out: str) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+READ_KINDS = {"where_is": "where is the X", "color_of": "color of the X", "color_at": "color at a place",
+              "kind_at": "shape at a place", "size_at": "size at a place", "count": "count", "describe": "describe"}
+
+
+def _reads_lines(summary: dict) -> list[str]:
+    """The report's table of what each model reads off the image (summary["reads"], from the eval stage)."""
+    reads = summary.get("reads")
+    if not reads:
+        return []
+    first = next(iter(reads.values()))
+    kinds = [k for k in READ_KINDS if k in first["by_kind"]]
+    lines = ["### What the models read off the image", "",
+             f"Greedy answers to {first['num_questions']} held-out short questions (\"Quick question: where is the red "
+             "circle?\" -> \"On the left.\"), exact match, per question kind (how many were asked in brackets); the "
+             "last column asks every question with another row's image (what the words alone get right). The judge's "
+             "locate and color questions need the first two reads. Preference tuning teaches the decoder to use the "
+             "reads it has, not new ones, so on locate and color questions these limit what DPO and PPO can win (docs/TRAINING.md, \"What is left: "
+             "the backbone's reads\"). Every answer: `eval/reads/<model>/reads.jsonl`.", "",
+             "| model | all | " + " | ".join(f"{READ_KINDS[k]} ({first['by_kind'][k]['num']})" for k in kinds)
+             + " | all, another image |", "|---" * (3 + len(kinds)) + "|"]
+    for name, r in reads.items():
+        lines.append(f"| {name.upper()} | {_f(r['exact_match'])} | "
+                     + " | ".join(_f(r["by_kind"][k]["exact_match"], ".2f") if k in r["by_kind"] else "-" for k in kinds)
+                     + f" | {_f(r['shuffled_exact_match'])} |")
+    return lines + [""]
 
 
 def _comparisons_what(summary: dict, plan: dict) -> str:

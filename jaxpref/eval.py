@@ -4,6 +4,7 @@ win-rate, mean judge score, response length, KL to the reference, and the sample
     jaxpref eval --policy runs/shapes-dpo --reference runs/shapes-sft --data data/shapes/prompt \
                  [--split eval] [--num 200] [--reward-model runs/shapes-rm] [--out runs/eval-dpo]
     jaxpref eval --reward-model runs/shapes-rm --data data/shapes/preference --num 0   # its pairwise accuracy
+    jaxpref eval --policy runs/shapes-sft --reads [--num 1024] [--out DIR]   # what it reads off the image
 
     result = evaluate(EvalArgs(policy="runs/shapes-dpo", reference="runs/shapes-sft", data="data/shapes/prompt"))
 
@@ -460,6 +461,77 @@ def image_reliance(model_dir: str, data: str, split: str = "eval", num: int | No
             "gap": shuffled - real}
 
 
+def short_answer_reads(model_dir: str, num: int = 1024, seed: int = 1, batch_size: int = 32,
+                       tokenizer: str | None = None, max_new_tokens: int = 32, progress: bool = False) -> dict:
+    """What a model reads off the image, measured by its greedy answers to `num` held-out short questions
+    of the built-in task (jaxpref.data.shapes.SHORT_TEMPLATES: "Quick question: where is the red circle?"
+    -> "On the left."; the eval split's scenes, the same rows for every model with the same num and seed),
+    each compared with the right answer by exact match (stripped text). Every question is asked twice:
+    with its own image, and with the image of the row before it in its batch (`shuffled`: what the
+    language prior alone gets right). The preference methods answer with the reads the decoder has;
+    they do not add reads (docs/TRAINING.md, "What is left: the backbone's reads").
+
+    Returns {"num_questions", "exact_match", "shuffled_exact_match", "by_kind": {kind: {"num",
+    "exact_match", "shuffled_exact_match"}}, "samples": [{"prompt", "answer", "said", "said_shuffled",
+    "kind"}]}."""
+    from tqdm import tqdm
+
+    from jaxpref.data import shapes
+
+    if num < 1 or batch_size < 2:
+        raise ValueError(f"short_answer_reads needs num >= 1 and batch_size >= 2, got {num} and {batch_size}")
+    mesh = make_mesh(1, -1, 1)
+    model, params = load_model(model_dir, "lm", mesh, "model")
+    tok = load_tokenizer(tokenizer or model_dir)
+    cfg = model.config
+    rows = list(shapes.generate_split("short", num, seed, image_size=cfg.vision.image_size, split="eval"))
+    args = EvalArgs(policy=model_dir, reference=model_dir, data="", max_new_tokens=max_new_tokens, greedy=True,
+                    batch_size=batch_size)
+    samples = []
+    bar = tqdm(total=len(rows), desc=f"reads {model_dir}", unit="question", disable=not progress)
+    for start, chunk, batch, row_ids in _prompt_batches(cfg, tok, [{"images": r["images"], "prompt": r["prompt"]}
+                                                                   for r in rows], args):
+        n = len(chunk)
+        said = {}
+        for name, px in (("real", batch["pixel_values"]),
+                         ("shuffled", np.concatenate([np.roll(batch["pixel_values"][:n], 1, axis=0),
+                                                      batch["pixel_values"][n:]]))):
+            g = _sample(model, params, {**batch, "pixel_values": px}, args, jax.random.key(seed), row_ids)
+            said[name] = [_decode(tok, cfg.eos_token_id, g["tokens"][i], g["lengths"][i]) for i in range(n)]
+        for i, r in enumerate(rows[start:start + n]):
+            samples.append({"prompt": r["prompt"], "answer": r["completion"].strip(), "said": said["real"][i],
+                            "said_shuffled": said["shuffled"][i], "kind": shapes.short_question_kind(r["prompt"])})
+        bar.update(n)
+    bar.close()
+    right = lambda ss, key: float(np.mean([s[key] == s["answer"] for s in ss]))  # noqa: E731
+    kinds = [k for k in shapes.SHORT_TEMPLATES if any(s["kind"] == k for s in samples)]
+    by_kind = {k: {"num": len(ss), "exact_match": right(ss, "said"), "shuffled_exact_match": right(ss, "said_shuffled")}
+               for k in kinds for ss in [[s for s in samples if s["kind"] == k]]}
+    return {"num_questions": len(samples), "exact_match": right(samples, "said"),
+            "shuffled_exact_match": right(samples, "said_shuffled"), "by_kind": by_kind, "samples": samples}
+
+
+def format_reads(reads: dict) -> str:
+    """A table of short_answer_reads' result: exact match per question kind, own and other rows' images."""
+    lines = [f"{'question':<12} {'asked':>6}  {'exact match':>11}  {'with another image':>18}"]
+    rows = [(k, v) for k, v in reads["by_kind"].items()] + [("all", {
+        "num": reads["num_questions"], "exact_match": reads["exact_match"],
+        "shuffled_exact_match": reads["shuffled_exact_match"]})]
+    for k, v in rows:
+        lines.append(f"{k:<12} {v['num']:>6}  {v['exact_match']:>11.3f}  {v['shuffled_exact_match']:>18.3f}")
+    return "\n".join(lines)
+
+
+def write_reads(reads: dict, out_dir: str):
+    """out_dir/reads.json (everything but the samples) and out_dir/reads.jsonl (one question per line)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "reads.json"), "w") as f:
+        json.dump({k: v for k, v in reads.items() if k != "samples"}, f, indent=2)
+    with open(os.path.join(out_dir, "reads.jsonl"), "w") as f:
+        for s in reads["samples"]:
+            f.write(json.dumps(s) + "\n")
+
+
 def real_and_shuffled_nll(model: VLM, params, batches) -> tuple[float, float]:
     """Mean NLL per completion token over collated SFT batches (with `valid`): with each row's own
     image, and with the previous row's (images rolled by one within each batch)."""
@@ -522,11 +594,15 @@ def add_eval_parser(subparsers):
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", default=None, help="policy model directory")
     p.add_argument("--reference", default=None, help="reference model directory (e.g. the SFT model)")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", default=None,
                    help="prompts (e.g. data/shapes/prompt); without --policy: preference pairs (data/shapes/preference) "
-                        "on which --reward-model's pairwise accuracy is measured")
+                        "on which --reward-model's pairwise accuracy is measured; not used by --reads")
     p.add_argument("--split", default="eval", help="default: eval")
-    p.add_argument("--num", type=int, default=200, help="prompts (default 200; 0: all)")
+    p.add_argument("--num", type=int, default=None,
+                   help="prompts (default 200; 0: all); with --reads: questions (default 1024)")
+    p.add_argument("--reads", action="store_true",
+                   help="what --policy reads off the image instead: its greedy answers to held-out short questions of "
+                        "the built-in task, exact match per question kind, with each question's own image and another's")
     p.add_argument("--reward-model", default=None, help="reward model directory: adds the reward-model win-rate")
     p.add_argument("--implicit-reward-beta", type=float, default=None, metavar="BETA",
                    help="--reward-model is a DPO policy: score by its implicit reward, BETA x log pi_rm / "
@@ -547,6 +623,13 @@ def add_eval_parser(subparsers):
 
 
 def _main(args) -> int:
+    if args.reads:
+        return _main_reads(args)
+    if args.data is None:
+        print("jaxpref eval: give --data (or --reads)", file=sys.stderr)
+        return 2
+    if args.num is None:
+        args.num = 200
     if args.policy is None:
         if args.reward_model is None or args.reference is not None:
             print("jaxpref eval: give --policy and --reference (win-rate), or only --reward-model (its pairwise "
@@ -594,4 +677,23 @@ def _main(args) -> int:
     if args.out:
         write(result, args.out)
         print(f"wrote {args.out}/eval.json and {args.out}/samples.jsonl")
+    return 0
+
+
+def _main_reads(args) -> int:
+    if args.policy is None or args.reference or args.reward_model or args.best_of:
+        print("jaxpref eval --reads: give --policy (the model whose reads are measured) and none of --reference, "
+              "--reward-model, --best-of", file=sys.stderr)
+        return 2
+    num = 1024 if args.num is None else args.num
+    try:
+        reads = short_answer_reads(args.policy, num=num, batch_size=args.batch_size, tokenizer=args.tokenizer,
+                                   progress=True)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"jaxpref eval: {e}", file=sys.stderr)
+        return 2
+    print(format_reads(reads))
+    if args.out:
+        write_reads(reads, args.out)
+        print(f"wrote {args.out}/reads.json and {args.out}/reads.jsonl")
     return 0

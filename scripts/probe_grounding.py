@@ -13,7 +13,8 @@ model is blind").
     python scripts/probe_grounding.py gap runs/shapes-sft --data data/shapes/sft
     python scripts/probe_grounding.py gap runs/shapes-sft --generated short      # or: good
     # 4. greedy answers to held-out short questions: exact-match accuracy per question kind, with the
-    #    rows' own images and with other rows' (what the language prior alone gets right)
+    #    rows' own images and with other rows' (what the language prior alone gets right); the packaged
+    #    version, on the `short` kind's held-out rows (other questions): jaxpref eval --policy M --reads
     python scripts/probe_grounding.py answers runs/shapes-sft
     # 5. the two-lookup questions alone, by the number of shapes in the scene and the target's column
     python scripts/probe_grounding.py lookups runs/shapes-pretrain

@@ -29,6 +29,7 @@ TINY = {
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
     "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.best_of": 2,
+    "eval.reads": 8,
     # a 3-step SFT model's answers all score 0 (no pairs of its own): the generator's pairs fill in
     "comparisons.n": 2, "comparisons.mix": 16, "comparisons.dpo_rounds": 2,
     "comparisons.round_pairs": "best-rest", "comparisons.round_steps": 1,
@@ -130,6 +131,15 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert "### The judge's scores before and after" in report
     for q, row in judges.items():
         assert f"| {q} | {row['prompts']} | {np.mean(row['sft']):.3f} |" in report
+    # each model's reads: greedy answers to the same 8 held-out short questions, stored and in the report
+    assert list(s["reads"]) == ["pretrain", "sft", "dpo", "ppo"] and "### What the models read off the image" in report
+    for name, r in s["reads"].items():
+        answers = [json.loads(line) for line in open(out / "eval" / "reads" / name / "reads.jsonl")]
+        assert r["num_questions"] == len(answers) == sum(k["num"] for k in r["by_kind"].values()) == 8
+        assert r["exact_match"] == pytest.approx(np.mean([a["said"] == a["answer"] for a in answers]))
+        assert f"| {name.upper()} | {r['exact_match']:.3f} |" in report
+    assert len({tuple(json.loads(line)["prompt"] for line in open(out / "eval" / "reads" / n / "reads.jsonl"))
+                for n in s["reads"]}) == 1  # the same questions for every model
     for name in ("reward_model", "ppo", "win_rates", "judge_scores", "examples"):
         assert f"img/{name}.png" in report
         with Image.open(out / "img" / f"{name}.png") as im:

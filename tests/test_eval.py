@@ -243,3 +243,52 @@ def test_best_of_n_from_the_cli(models, tmp_path):
                                                                         [s["candidate_reward"] for s in samples])}
     assert sum(a["prompts"] for q, a in out["agreement"].items() if q != "all") == 12
     assert "reward model agrees with the judge" in p.stdout
+
+
+def test_reads_are_each_questions_greedy_answer_alone_with_its_own_image_and_the_one_before(models, tmp_path):
+    """short_answer_reads batches 12 held-out short questions by 8 (the last batch padded); each answer
+    equals the greedy answer to that question asked alone, with its own image and with the image of the
+    question before it in its batch; the scores are exact matches counted per kind; the CLI writes them."""
+    from jaxpref.data.processing import Processor, ProcessorConfig
+    from jaxpref.data.shapes import short_question_kind
+    from jaxpref.eval import short_answer_reads
+    from jaxpref.generate import generate
+    from jaxpref.models import load_pretrained
+
+    r = short_answer_reads(str(models / "a"), num=12, batch_size=8, max_new_tokens=6)
+    rows = list(generate_split("short", 12, seed=1, image_size=32, split="eval"))
+    assert [(s["prompt"], s["answer"], s["kind"]) for s in r["samples"]] == [
+        (q["prompt"], q["completion"], short_question_kind(q["prompt"])) for q in rows]
+    model, params = load_pretrained(str(models / "a"))
+    tok = load_shapes_tokenizer()
+    processor = Processor(model.config, tok, ProcessorConfig(kind="prompt"))
+
+    def alone(row, image_row):
+        b = processor.collate([processor({"images": image_row["images"], "prompt": row["prompt"]})])
+        g = generate(model, params, pixel_values=b["pixel_values"], input_ids=b["prompt_ids"],
+                     attention_mask=b["prompt_mask"], max_new_tokens=6, greedy=True, rng=jax.random.key(0),
+                     eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+        n = int(g.lengths[0])
+        return tok.decode([int(t) for t in np.asarray(g.tokens)[0, :n] if t != model.config.eos_token_id],
+                          skip_special_tokens=True).strip()
+
+    for i, before in ((0, 7), (5, 4), (8, 11), (11, 10)):  # batches [0, 8) and [8, 12): rolled within each
+        assert r["samples"][i]["said"] == alone(rows[i], rows[i]), i
+        assert r["samples"][i]["said_shuffled"] == alone(rows[i], rows[before]), i
+    for key, said in (("exact_match", "said"), ("shuffled_exact_match", "said_shuffled")):
+        assert r[key] == np.mean([s[said] == s["answer"] for s in r["samples"]])
+        for kind, v in r["by_kind"].items():
+            assert v[key] == np.mean([s[said] == s["answer"] for s in r["samples"] if s["kind"] == kind])
+    assert sum(v["num"] for v in r["by_kind"].values()) == r["num_questions"] == 12
+
+    env = dict(os.environ, XLA_FLAGS="")
+    p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reads",
+                        "--num", "8", "--batch-size", "8", "--out", str(tmp_path / "reads")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stored = json.load(open(tmp_path / "reads" / "reads.json"))
+    assert stored["num_questions"] == 8 and "samples" not in stored and "exact match" in p.stdout
+    assert len(open(tmp_path / "reads" / "reads.jsonl").read().splitlines()) == 8
+    p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reads",
+                        "--reference", str(models / "b")], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 2 and "--reads" in p.stderr

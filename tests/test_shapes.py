@@ -418,3 +418,28 @@ def test_the_facts_probe_pairs_differ_in_the_asked_fact_and_the_judge_agrees():
         scene = Scene.from_json(r["scene"])
         assert scene_split(scene) == "eval" and r["chosen"] != r["rejected"]
         assert judge(scene, r["prompt"], r["chosen"]) == 1.0 > judge(scene, r["prompt"], r["rejected"]), r
+
+
+def test_short_question_kind_names_the_template_of_every_short_question_and_no_task_prompt():
+    from jaxpref.data.shapes import POSITION_PHRASES, SHORT_TEMPLATES, short_question_kind
+
+    rows = list(generate_split("short", 400, seed=11, image_size=16, split="eval"))
+    kinds = [short_question_kind(r["prompt"]) for r in rows]
+    assert set(kinds) == set(SHORT_TEMPLATES)  # every kind asked, every question named
+    for r, k in zip(rows, kinds):  # the answer has the form of that kind's answer (short_question)
+        answer, scene = r["completion"], Scene.from_json(r["scene"])
+        shape_words = {"color_at": ("It is", COLORS), "color_of": ("It is", COLORS), "kind_at": ("A ", None),
+                       "size_at": ("It is", ("small", "large")), "count": ("I count", None)}
+        if k in shape_words:
+            lead, words = shape_words[k]
+            assert answer.startswith(lead) and (words is None or answer[len("It is "):-1] in words), (k, r)
+        elif k == "where_is":
+            assert answer[:-1].lower() in {p[0] for p in POSITION_PHRASES.values()}, r
+        else:
+            assert len(parse_claims(answer).mentions) == len(scene.shapes), r
+    # "what color is the shape on the left?" asks a place; "what color is the square on the left?" names a shape
+    assert short_question_kind(SHORT_LEAD + "what color is the shape on the left?") == "color_at"
+    assert short_question_kind(SHORT_LEAD + "what color is the square on the left?") == "color_of"
+    assert all(short_question_kind(r["prompt"]) is None
+               for r in generate_split("prompt", 200, seed=11, image_size=16, split="eval"))
+    assert short_question_kind("where is the red circle?") is None  # not without the lead

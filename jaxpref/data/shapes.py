@@ -739,6 +739,19 @@ def short_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return prompt, answer
 
 
+_SHORT_PATTERNS = {k: re.compile(re.escape(SHORT_LEAD + t).replace(r"\{", "{").replace(r"\}", "}")
+                                 .replace("{where}", ".+").replace("{ref}", ".+").replace("{color}", "\\w+")
+                                 .replace("{kind}", "\\w+"))
+                   for k, t in SHORT_TEMPLATES.items()}
+
+
+def short_question_kind(prompt: str) -> str | None:
+    """The SHORT_TEMPLATES key of a short question's text ("Quick question: where is the red circle?" ->
+    "where_is"), or None for any other prompt. "What color is the shape on the left?" is color_at, not
+    color_of (no kind is called "shape")."""
+    return next((k for k, pattern in _SHORT_PATTERNS.items() if pattern.fullmatch(prompt)), None)
+
+
 PAIR_TIERS = [(a, b) for i, a in enumerate(TIERS) for b in TIERS[i + 1:]]  # 6 pairs, easy and hard
 
 
