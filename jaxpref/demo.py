@@ -475,7 +475,7 @@ def _describe_eval(demo: Demo) -> str:
     reads = demo.plan["eval"].get("reads")
     return (f"reward-model accuracy on {demo.path('data', 'preference')} (eval); DPO and PPO against SFT on "
             f"{_prompts(demo)}" + (f"; best-of-{k} of SFT picked by the reward model and the judge" if k else "")
-            + f"; SFT's loss with real and shuffled images"
+            + "; SFT's loss with real and shuffled images"
             + (f"; {', '.join(READ_MODELS)} on {reads} held-out short questions" if reads else "")
             + f" -> {demo.path('eval')}")
 
