@@ -1163,16 +1163,18 @@ def _reads_lines(summary: dict) -> list[str]:
     kinds = [k for k in READ_KINDS if k in first["by_kind"]]
     lines = ["### What the models read off the image", "",
              f"Greedy answers to {first['num_questions']} held-out short questions (\"Quick question: where is the red "
-             "circle?\" -> \"On the left.\"), exact match, per question kind (how many were asked in brackets); the "
-             "last column asks every question with another row's image (what the words alone get right). The judge's "
-             "locate and color questions need the first two reads. Preference tuning teaches the decoder to use the "
-             "reads it has, not new ones, so on locate and color questions these limit what DPO and PPO can win (docs/TRAINING.md, \"What is left: "
-             "the backbone's reads\"). Every answer: `eval/reads/<model>/reads.jsonl`.", "",
+             "circle?\" -> \"On the left.\"), exact match (an answer in another form counts wrong), per question kind "
+             "(how many were asked in brackets); the last column asks every question with another row's image (what "
+             "the words alone get right). The judge's locate and color questions need the first two reads. "
+             "Preference tuning teaches the decoder to use the reads it has, not new ones, so on locate and color "
+             "questions these limit what DPO and PPO can win (docs/TRAINING.md, \"What is left: the backbone's "
+             "reads\"). Every answer: `eval/reads/<model>/reads.jsonl`.", "",
              "| model | all | " + " | ".join(f"{READ_KINDS[k]} ({first['by_kind'][k]['num']})" for k in kinds)
              + " | all, another image |", "|---" * (3 + len(kinds)) + "|"]
     for name, r in reads.items():
         lines.append(f"| {name.upper()} | {_f(r['exact_match'])} | "
-                     + " | ".join(_f(r["by_kind"][k]["exact_match"], ".2f") if k in r["by_kind"] else "-" for k in kinds)
+                     + " | ".join(_f(r["by_kind"][k]["exact_match"], ".2f") if k in r["by_kind"] else "-"
+                                  for k in kinds)
                      + f" | {_f(r['shuffled_exact_match'])} |")
     return lines + [""]
 

@@ -601,8 +601,9 @@ def add_eval_parser(subparsers):
     p.add_argument("--num", type=int, default=None,
                    help="prompts (default 200; 0: all); with --reads: questions (default 1024)")
     p.add_argument("--reads", action="store_true",
-                   help="what --policy reads off the image instead: its greedy answers to held-out short questions of "
-                        "the built-in task, exact match per question kind, with each question's own image and another's")
+                   help="what --policy reads off the image instead: its greedy answers to held-out short questions "
+                        "of the built-in task, exact match per question kind, with each question's own image and "
+                        "another's")
     p.add_argument("--reward-model", default=None, help="reward model directory: adds the reward-model win-rate")
     p.add_argument("--implicit-reward-beta", type=float, default=None, metavar="BETA",
                    help="--reward-model is a DPO policy: score by its implicit reward, BETA x log pi_rm / "
