@@ -504,9 +504,12 @@ def short_answer_reads(model_dir: str, num: int = 1024, seed: int = 1, batch_siz
         bar.update(n)
     bar.close()
     right = lambda ss, key: float(np.mean([s[key] == s["answer"] for s in ss]))  # noqa: E731
-    kinds = [k for k in shapes.SHORT_TEMPLATES if any(s["kind"] == k for s in samples)]
-    by_kind = {k: {"num": len(ss), "exact_match": right(ss, "said"), "shuffled_exact_match": right(ss, "said_shuffled")}
-               for k in kinds for ss in [[s for s in samples if s["kind"] == k]]}
+    by_kind = {}
+    for k in shapes.SHORT_TEMPLATES:
+        asked = [s for s in samples if s["kind"] == k]
+        if asked:
+            by_kind[k] = {"num": len(asked), "exact_match": right(asked, "said"),
+                          "shuffled_exact_match": right(asked, "said_shuffled")}
     return {"num_questions": len(samples), "exact_match": right(samples, "said"),
             "shuffled_exact_match": right(samples, "said_shuffled"), "by_kind": by_kind, "samples": samples}
 

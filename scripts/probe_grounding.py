@@ -242,15 +242,14 @@ def answers(args) -> None:
     tok = load_tokenizer(args.model)
     processor = Processor(model.config, tok, ProcessorConfig(kind="sft", length_buckets=(16, 32, 48, 64, 80, 96)))
     rows = generated_eval_rows("short", args.num)
-    kinds = {shapes.SHORT_LEAD + t.split("{")[0]: k for k, t in shapes.SHORT_TEMPLATES.items()}
     hits = {"real": {}, "shuffled": {}}
     for start in range(0, len(rows) - 31, 32):
         chunk = rows[start:start + 32]
         b = _batch(processor, chunk)
         for name, pixels in (("real", b["pixel_values"]), ("shuffled", np.roll(b["pixel_values"], 1, axis=0))):
             for r, said in zip(chunk, _greedy(model, params, tok, b, pixels, 32)):
-                kind = next(k for lead, k in kinds.items() if r["prompt"].startswith(lead))
-                hits[name].setdefault(kind, []).append(said == r["completion"].strip())
+                hits[name].setdefault(shapes.short_question_kind(r["prompt"]), []).append(
+                    said == r["completion"].strip())
     for name, by in hits.items():
         total = np.mean([h for v in by.values() for h in v])
         print(f"{args.model} short-question exact match, {name} images: {total:.3f} ("
