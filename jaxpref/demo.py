@@ -19,8 +19,11 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   dpo      configs/shapes/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo; with
            comparisons.dpo_rounds > 1, more rounds, each from the last on comparisons of its own answers
            (paired comparisons.round_pairs, comparisons.round_steps steps)
-  ppo      configs/shapes/ppo.yaml, from DIR/runs/sft + runs/reward  -> DIR/runs/ppo (with
-           ppo.reward_model_type=implicit: against DPO's first round read as a reward model, ppo_config)
+  ppo      configs/shapes/ppo.yaml, from DIR/runs/sft against the implicit reward of DIR/runs/dpo
+           (ppo.reward_model_type=implicit, both plans; with scalar: DIR/runs/reward), the value model
+           from DIR/runs/reward (ppo_config) -> DIR/runs/ppo; then comparisons.ppo_rounds rounds of
+           iterated RLHF: comparisons of PPO's own answers, one more DPO round on them, PPO resumed
+           comparisons.ppo_round_steps iterations against it (DIR/runs/ppo-rounds/)
   eval     jaxpref.eval: the reward model's accuracy; DPO and PPO against SFT; best-of-n of SFT picked by
            the reward model; each model's reads (greedy answers to held-out short questions)
            -> DIR/eval/{reward_model,dpo,ppo,best_of_n,reads/<model>}/
@@ -82,10 +85,11 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
-                        "seed": 1000, "dpo_rounds": 5, "round_pairs": "all", "round_steps": 60},
+                        "seed": 1000, "dpo_rounds": 5, "round_pairs": "all", "round_steps": 60,
+                        "ppo_rounds": 2, "ppo_round_steps": 40},
         "reward": {"max_steps": 120, "eval_steps": 40, "save_steps": 40},
         "dpo": {"max_steps": 120, "eval_steps": 60, "save_steps": 40},
-        "ppo": {"max_steps": 80, "eval_steps": 10, "save_steps": 10},
+        "ppo": {"max_steps": 120, "eval_steps": 10, "save_steps": 10, "reward_model_type": "implicit"},
         "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 8, "reads": 1024},
     },
     "quick": {
@@ -97,10 +101,11 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
-                        "seed": 1000, "dpo_rounds": 1, "round_pairs": "all", "round_steps": 20},
+                        "seed": 1000, "dpo_rounds": 1, "round_pairs": "all", "round_steps": 20,
+                        "ppo_rounds": 1, "ppo_round_steps": 5},
         "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
-        "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5},
+        "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5, "reward_model_type": "implicit"},
         "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 4, "reads": 128},
     },
 }
@@ -224,15 +229,39 @@ def dpo_round_dir(demo: Demo, r: int) -> str:
     return demo.path("runs", "dpo") if r == rounds else demo.path("runs", "dpo-rounds", f"round-{r}")
 
 
-def ppo_config(demo: Demo):
+def ppo_config(demo: Demo, extra: dict | None = None):
     """configs/shapes/ppo.yaml from DIR/runs/sft against DIR/runs/reward; with reward_model_type
-    "implicit", against DPO's first round (trained on the same comparisons as the reward model, so both
-    reward models saw the same labels), the value model starting from DIR/runs/reward."""
+    "implicit" (both plans), against the implicit reward of DPO's final policy DIR/runs/dpo (every
+    DPO round's comparisons; docs/TRAINING.md measures it against DPO's first round), the value model
+    starting from DIR/runs/reward. `extra`: overrides after those (PPO's rounds: their reward model and
+    iterations). PPO's rounds (comparisons.ppo_rounds > 0) retrain the DPO policy PPO reads its reward
+    from, so they need the implicit reward."""
     cfg = trainer_config("ppo", demo, "prompt", "sft", "reward")
     if cfg.reward_model_type != "implicit":
-        return cfg
+        if demo.plan["comparisons"]["ppo_rounds"]:
+            raise DemoError(f"comparisons.ppo_rounds={demo.plan['comparisons']['ppo_rounds']} needs "
+                            f"ppo.reward_model_type=implicit (each round trains a new DPO round and PPO continues "
+                            f"against its implicit reward), not {cfg.reward_model_type!r}: set "
+                            f"comparisons.ppo_rounds=0 to tune against the scalar reward model")
+        return trainer_config("ppo", demo, "prompt", "sft", "reward", extra=extra)
     return trainer_config("ppo", demo, "prompt", "sft", extra={
-        "reward_model_path": dpo_round_dir(demo, 1), "value_model_path": cfg.value_model_path or cfg.reward_model_path})
+        "reward_model_path": demo.path("runs", "dpo"),
+        "value_model_path": cfg.value_model_path or demo.path("runs", "reward"), **(extra or {})})
+
+
+def dpo_round_config(demo: Demo, start: str, data: str, out: str):
+    """The config of a DPO round after the first (DPO's rounds and PPO's): from `start` (also its
+    reference) on the comparisons in `data` -> `out`, comparisons.round_steps steps, a sixth of them warm-up."""
+    steps = demo.plan["comparisons"]["round_steps"]
+    return trainer_config("dpo", demo, "comparisons", "sft", extra={
+        "output_dir": out, "model.name_or_path": start, "data.dataset_name": data, "max_steps": steps,
+        "warmup_steps": steps // 6})
+
+
+def _write_rounds(record: str, done: list[dict]):
+    with open(record + ".tmp", "w") as f:
+        json.dump(done, f, indent=2)
+    os.replace(record + ".tmp", record)
 
 
 def dpo_rounds_stage() -> Stage:
@@ -273,20 +302,19 @@ def dpo_rounds_stage() -> Stage:
                     print(f"  round {r}: comparisons of {start}'s answers -> {data}", flush=True)
                     stats = collect_comparisons(demo, start, data, r)
             print(f"  round {r}/{rounds}: DPO from {start} on {data} -> {out}", flush=True)
-            extra = {"output_dir": out, "model.name_or_path": start, "data.dataset_name": data}
             c = demo.plan["comparisons"]
-            if r > 1:  # later rounds: shorter, on more pairs per prompt (round_pairs), a sixth of them warm-up
-                extra.update({"max_steps": c["round_steps"], "warmup_steps": c["round_steps"] // 6})
-            cfg = trainer_config("dpo", demo, "comparisons", "sft", extra=extra)
+            if r > 1:  # later rounds: shorter, on more pairs per prompt (round_pairs)
+                cfg = dpo_round_config(demo, start, data, out)
+            else:
+                cfg = trainer_config("dpo", demo, "comparisons", "sft", extra={
+                    "output_dir": out, "model.name_or_path": start, "data.dataset_name": data})
             RUNNERS["dpo"](cfg)
             done.append({"round": r, "start": os.path.relpath(start, demo.out), "data": os.path.relpath(data, demo.out),
                          "output_dir": os.path.relpath(out, demo.out), "max_steps": cfg.max_steps,
                          "pairing": c["pairs"] if r == 1 else c["round_pairs"],
                          **{k: stats.get(k) for k in ("prompts", "pairs", "prompts_without_pair", "judge_score",
                                                       "best_judge_score")}})
-            with open(record + ".tmp", "w") as f:
-                json.dump(done, f, indent=2)
-            os.replace(record + ".tmp", record)
+            _write_rounds(record, done)
         return {"dpo_rounds": done}
 
     def describe(demo: Demo) -> str:
@@ -306,6 +334,75 @@ def dpo_rounds_stage() -> Stage:
 
     return dataclasses.replace(base, run=run, describe=describe, outputs=base.outputs + ("runs/dpo-rounds",),
                                results=("dpo_rounds",), plan_entries=plan_entries)
+
+
+def ppo_rounds_stage() -> Stage:
+    """PPO (ppo_config: `ppo.max_steps` iterations), then `comparisons.ppo_rounds` rounds of iterated
+    RLHF, each the loop DPO's rounds run but with PPO's answers: comparisons of the PPO policy's own
+    answers (collect_comparisons, numbered after DPO's rounds for their seeds, paired
+    `comparisons.round_pairs`) -> DIR/runs/ppo-rounds/comparisons-<r>; one more DPO round on them, from
+    the last DPO policy (DIR/runs/dpo for the first) -> DIR/runs/ppo-rounds/round-<r> (dpo_round_config);
+    then PPO resumed from its checkpoint for `comparisons.ppo_round_steps` more iterations against that
+    round's implicit reward (its log-ratio to SFT, which sums every earlier round's). The policy stays in
+    DIR/runs/ppo (what the eval stage reads; its metrics.jsonl runs on across rounds). A stopped run
+    continues in its round: finished rounds are in DIR/runs/ppo-rounds/rounds.json, a round's finished
+    comparisons (comparisons.json written) are kept, the trainers resume from their checkpoints."""
+    base = trainer("ppo", data="prompt", start="sft", reward_model="reward", config=ppo_config, needs=("dpo",))
+
+    def run(demo: Demo) -> dict:
+        from jaxpref.train import RUNNERS
+
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        c = demo.plan["comparisons"]
+        root = demo.path("runs", "ppo-rounds")
+        os.makedirs(root, exist_ok=True)
+        record = os.path.join(root, "rounds.json")
+        done = json.load(open(record)) if os.path.exists(record) else []
+        first, policy = ppo_config(demo), demo.path("runs", "ppo")
+        if not done and not os.path.exists(os.path.join(root, "comparisons-1", "comparisons.json")):
+            RUNNERS["ppo"](first)  # the first iterations (resuming from a checkpoint when stopped in them)
+        for r in range(len(done) + 1, c["ppo_rounds"] + 1):
+            data, out = os.path.join(root, f"comparisons-{r}"), os.path.join(root, f"round-{r}")
+            start = demo.path("runs", "dpo") if r == 1 else os.path.join(root, f"round-{r - 1}")
+            before, steps = first.max_steps + (r - 1) * c["ppo_round_steps"], first.max_steps + r * c["ppo_round_steps"]
+            stats_file = os.path.join(data, "comparisons.json")
+            if os.path.exists(stats_file):  # collected before a stop
+                with open(stats_file) as f:
+                    stats = json.load(f)["train"]
+            else:
+                print(f"  PPO round {r}/{c['ppo_rounds']}: comparisons of {policy}'s answers (iteration {before}) "
+                      f"-> {data}", flush=True)
+                stats = collect_comparisons(demo, policy, data, c["dpo_rounds"] + r)
+            print(f"  PPO round {r}/{c['ppo_rounds']}: DPO from {start} on {data} -> {out}", flush=True)
+            dpo = dpo_round_config(demo, start, data, out)
+            RUNNERS["dpo"](dpo)
+            print(f"  PPO round {r}/{c['ppo_rounds']}: PPO {before} -> {steps} iterations against {out}'s implicit "
+                  f"reward", flush=True)
+            RUNNERS["ppo"](ppo_config(demo, {"reward_model_path": out, "max_steps": steps}))
+            rel = lambda path: os.path.relpath(path, demo.out)
+            done.append({"round": r, "policy_steps": before, "max_steps": steps, "data": rel(data),
+                         "dpo_start": rel(start), "reward_model": rel(out), "dpo_steps": dpo.max_steps,
+                         "pairing": c["round_pairs"],
+                         **{k: stats.get(k) for k in ("prompts", "pairs", "prompts_without_pair", "judge_score",
+                                                      "best_judge_score")}})
+            _write_rounds(record, done)
+        return {"ppo_rounds": done}
+
+    def describe(demo: Demo) -> str:
+        c = demo.plan["comparisons"]
+        if not c["ppo_rounds"]:
+            return base.describe(demo)
+        return (f"{base.describe(demo)}; then {c['ppo_rounds']} rounds of {c['ppo_round_steps']} iterations, each "
+                f"against a new DPO round ({c['round_steps']} steps from the last) on comparisons of PPO's own "
+                f"answers (paired {c['round_pairs']}) -> {demo.path('runs', 'ppo-rounds')}")
+
+    def plan_entries(plan: dict) -> dict:
+        """ppo's section and PPO's round settings, which live in `comparisons` (PPO_ROUND_KEYS)."""
+        rounds = plan.get("comparisons", {})
+        return {**plan.get("ppo", {}), **{f"comparisons.{k}": rounds.get(k) for k in PPO_ROUND_KEYS}}
+
+    return dataclasses.replace(base, run=run, describe=describe, outputs=base.outputs + ("runs/ppo-rounds",),
+                               results=("ppo_rounds",), plan_entries=plan_entries)
 
 
 def _has_checkpoints(output_dir: str) -> bool:
@@ -364,7 +461,8 @@ def stage_tower(demo: Demo) -> dict:
 
 def _describe_tower(demo: Demo) -> str:
     p = demo.plan["tower"]
-    return f"{p['steps']} steps x {p['batch_size']} scenes on the `{p['preset']}` preset -> {demo.path('runs', 'tower')}"
+    return (f"{p['steps']} steps x {p['batch_size']} scenes on the `{p['preset']}` preset -> "
+            f"{demo.path('runs', 'tower')}")
 
 
 def stage_comparisons(demo: Demo) -> dict:
@@ -392,14 +490,16 @@ def collect_comparisons(demo: Demo, policy: str, out: str, round_: int = 1) -> d
     return stats["train"]
 
 
-# the `comparisons` plan entries only DPO's later rounds read (the comparisons stage does not)
+# the `comparisons` plan entries only DPO's later rounds read (the comparisons stage does not; PPO's
+# rounds read them too, and need the dpo stage)
 ROUND_KEYS = ("dpo_rounds", "round_pairs", "round_steps")
+PPO_ROUND_KEYS = ("ppo_rounds", "ppo_round_steps")  # the ones only PPO's rounds read
 
 
 def _comparisons_plan(plan: dict) -> dict:
-    """The comparisons stage's plan entries: its section but DPO's round settings (ROUND_KEYS), and
-    eval.max_new_tokens, which sets its answers' length."""
-    return {**{k: v for k, v in plan.get("comparisons", {}).items() if k not in ROUND_KEYS},
+    """The comparisons stage's plan entries: its section but the rounds' settings (ROUND_KEYS,
+    PPO_ROUND_KEYS), and eval.max_new_tokens, which sets its answers' length."""
+    return {**{k: v for k, v in plan.get("comparisons", {}).items() if k not in ROUND_KEYS + PPO_ROUND_KEYS},
             "eval.max_new_tokens": plan.get("eval", {}).get("max_new_tokens")}
 
 
@@ -500,7 +600,7 @@ STAGES: list[Stage] = [
           outputs=("data/comparisons",), results=("comparisons",), plan_entries=_comparisons_plan),
     trainer("reward", data="comparisons", start="sft"),
     dpo_rounds_stage(),
-    trainer("ppo", data="prompt", start="sft", reward_model="reward", config=ppo_config, needs=("dpo",)),
+    ppo_rounds_stage(),
     Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "pretrain", "sft",
                                                      "reward") + METHODS, outputs=("eval",),
           results=("reward_model", "sft", "best_of_n", "reads") + METHODS),
@@ -546,7 +646,8 @@ def _check_comparisons(c: dict):
               ("num", c["num"] >= 0, ">= 0 (0: every train prompt)"), ("mix", c["mix"] >= 0, ">= 0"),
               ("label_noise", 0 <= c["label_noise"] <= 1, "in [0, 1]"), ("dpo_rounds", c["dpo_rounds"] >= 1, ">= 1"),
               ("round_pairs", c["round_pairs"] in PAIRINGS, " or ".join(PAIRINGS)),
-              ("round_steps", c["round_steps"] >= 1, ">= 1")]
+              ("round_steps", c["round_steps"] >= 1, ">= 1"), ("ppo_rounds", c["ppo_rounds"] >= 0, ">= 0"),
+              ("ppo_round_steps", c["ppo_round_steps"] >= 1, ">= 1")]
     for key, ok, what in checks:
         if not ok:
             raise DemoError(f"--set comparisons.{key}: must be {what}, got {c[key]!r}")
@@ -1022,7 +1123,8 @@ def write_report(out: str) -> str:
     rounds = plan["comparisons"]["dpo_rounds"]
     model = plan["sft"].get("model.name_or_path")  # None: SFT starts from the pretrain stage
     n = summary["ppo"]["num_prompts"]
-    ppo_reward = _ppo_reward_text(out)
+    ppo_rounds = summary.get("ppo_rounds") or []
+    ppo_reward = _ppo_reward_text(out, ppo_rounds[0]["dpo_start"] if ppo_rounds else None)
     lines = ["# jaxpref demo: the shapes task, end to end", "", _paragraph(summary, steps, model, ppo_reward), ""]
 
     lines += ["## Stages", "", "| stage | wall time | what |", "|---|---|---|"]
@@ -1038,7 +1140,8 @@ def write_report(out: str) -> str:
                     f"{rounds} rounds: {steps['dpo']} steps from `runs/sft`, then {plan['comparisons']['round_steps']} "
                     f"steps a round on comparisons of the last round's answers (paired "
                     f"{plan['comparisons']['round_pairs']}) -> `runs/dpo` (`runs/dpo-rounds/`)"),
-            "ppo": f"{steps['ppo']} iterations from `runs/sft` against {ppo_reward} -> `runs/ppo`",
+            "ppo": f"{_ppo_steps(summary, steps['ppo'])}, from `runs/sft` against {ppo_reward} -> `runs/ppo`"
+                   + (" (`runs/ppo-rounds/`)" if ppo_rounds else ""),
             "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
                     + (f"; each model's reads on {plan['eval']['reads']} short questions" if plan["eval"].get("reads")
@@ -1085,6 +1188,7 @@ def write_report(out: str) -> str:
                          f"{d['pairs']} | {d['prompts_without_pair']} | "
                          f"{_f(d['judge_score'])} | {_f(d['best_judge_score'])} |")
         lines.append("")
+    lines += _ppo_rounds_lines(summary, ppo_evals)
     lines += ["### The judge's scores before and after", "",
               "The fraction of prompts whose response the gold judge scores 0 (wrong or invented facts), "
               "above 0 but below 0.5, from 0.5 up to 1, and 1 (right and concise); then, per question type, the "
@@ -1187,13 +1291,14 @@ def _comparisons_what(summary: dict, plan: dict) -> str:
             f"of the labels flipped, {c['pairs']}{made} -> `data/comparisons`")
 
 
-def _ppo_reward_text(out: str) -> str:
-    """What PPO was tuned against, from runs/ppo/config.yaml: `runs/reward`, or DPO's implicit reward."""
+def _ppo_reward_text(out: str, reward_model: str | None = None) -> str:
+    """What PPO was tuned against, from runs/ppo/config.yaml: `runs/reward`, or DPO's implicit reward;
+    `reward_model` (relative to `out`): the one its first iterations used, when its rounds changed it."""
     import yaml
 
     with open(os.path.join(out, "runs", "ppo", "config.yaml")) as f:
         cfg = yaml.safe_load(f)
-    rm = f"`{os.path.relpath(cfg['reward_model_path'], out)}`"
+    rm = f"`{reward_model or os.path.relpath(cfg['reward_model_path'], out)}`"
     if cfg.get("reward_model_type", "scalar") != "implicit":
         return f"the reward model {rm}"
     return (f"the implicit reward of {rm} (beta {cfg['implicit_reward_beta']} x log pi / pi_sft; value model from "
@@ -1240,6 +1345,43 @@ def _agreement_lines(out: str) -> list[str]:
              "way (0.5: chance):", "", "| question | prompts | pairs | agreement with the judge |", "|---|---|---|---|"]
     for q, a in agreement.items():
         lines.append(f"| {q} | {a['prompts']} | {a['pairs']} | {_f(a['agreement'])} |")
+    return lines + [""]
+
+
+def _ppo_steps(summary: dict, steps: int) -> str:
+    rounds = summary.get("ppo_rounds") or []
+    if not rounds:
+        return f"{steps} iterations"
+    return (f"{steps} iterations, then {len(rounds)} round{'s' if len(rounds) > 1 else ''} of "
+            f"{rounds[0]['max_steps'] - rounds[0]['policy_steps']} more, each against a new DPO round trained on "
+            f"comparisons of PPO's own answers")
+
+
+def _ppo_rounds_lines(summary: dict, evals: list[dict]) -> list[str]:
+    """The report's table of PPO's rounds (summary["ppo_rounds"]), with the held-out evaluation PPO
+    logged at the end of each (`evals`: runs/ppo/metrics.jsonl's eval records)."""
+    rounds = summary.get("ppo_rounds") or []
+    if not rounds:
+        return []
+    at = {r["step"]: r for r in evals}
+    first = rounds[0]
+    lines = ["PPO's rounds (iterated RLHF): after its first iterations, each round judges PPO's own answers to the "
+             "train prompts (with the raters' label noise), trains one more DPO round on them from the last, and "
+             "continues PPO against that round's implicit reward. The last columns are PPO's own held-out "
+             "evaluation at the round's last iteration (its `eval_num_prompts` prompts, fewer than the table "
+             "above):", "",
+             "| round | PPO iterations | reward (implicit) | comparisons of PPO's answers: pairs | prompts whose "
+             "answers all score alike | judge score of its answers | of the best answer | win-rate vs SFT | "
+             "judge score |", "|---|---|---|---|---|---|---|---|---|"]
+    e = at.get(first["policy_steps"], {})
+    lines.append(f"| 0 | {first['policy_steps']} | `{first['dpo_start']}` | - | - | - | - | "
+                 f"{_f(e.get('eval_win_rate'))} | {_f(e.get('eval_judge_score'))} |")
+    for d in rounds:
+        e = at.get(d["max_steps"], {})
+        lines.append(f"| {d['round']} | {d['policy_steps']} -> {d['max_steps']} | `{d['reward_model']}` "
+                     f"({d['dpo_steps']} steps from `{d['dpo_start']}`) | {d['pairs']} | {d['prompts_without_pair']} | "
+                     f"{_f(d['judge_score'])} | {_f(d['best_judge_score'])} | {_f(e.get('eval_win_rate'))} | "
+                     f"{_f(e.get('eval_judge_score'))} |")
     return lines + [""]
 
 
@@ -1298,9 +1440,9 @@ def _paragraph(summary: dict, steps: dict, model: str | None, ppo_reward: str = 
             f"{pairs}, trained a reward model on them ({steps['reward']} steps; accuracy on {held_out}: "
             f"{_f(rm['accuracy'])} against the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and "
             f"{_f(rm.get('gold_accuracy'))} against the gold judge), and tuned the SFT policy on them with DPO "
-            f"({_dpo_steps(summary, steps['dpo'])}) and with PPO against {ppo_reward} ({steps['ppo']} "
-            f"iterations). On {n} held-out prompts, scored by the gold judge against the scene (SFT's mean judge "
-            f"score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{reads}{quick}")
+            f"({_dpo_steps(summary, steps['dpo'])}) and with PPO against {ppo_reward} "
+            f"({_ppo_steps(summary, steps['ppo'])}). On {n} held-out prompts, scored by the gold judge against the "
+            f"scene (SFT's mean judge score: {sft['judge_score']:.3f}), {'; '.join(verdicts)}. {gap}{reads}{quick}")
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 
 from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, judge_bins,
-                          judge_table, make_plan, reusable_stages, run_demo, trainer_config, write_summary)
+                          judge_table, make_plan, ppo_config, reusable_stages, run_demo, trainer_config,
+                          write_summary)
 from jaxpref.eval import agreement_by_question
 from test_train import run_jaxpref
 
@@ -33,6 +34,7 @@ TINY = {
     # a 3-step SFT model's answers all score 0 (no pairs of its own): the generator's pairs fill in
     "comparisons.n": 2, "comparisons.mix": 16, "comparisons.dpo_rounds": 2,
     "comparisons.round_pairs": "best-rest", "comparisons.round_steps": 1,
+    "comparisons.ppo_rounds": 1, "comparisons.ppo_round_steps": 1,
 }
 for _stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
     TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
@@ -104,12 +106,39 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert second["args"]["pairs"] == "best-rest"
     assert json.loads((out / "data" / "comparisons" / "comparisons.json").read_text())["args"]["pairs"] == "best-worst"
     assert f"| 2 | `runs/dpo-rounds/round-1` | 1 | best-rest | {second['train']['pairs']} |" in report
+    assert "PPO's rounds (iterated RLHF)" in report and "| 0 | 2 | `runs/dpo` |" in report
+    assert (f"| 1 | 2 -> 3 | `runs/ppo-rounds/round-1` (1 steps from `runs/dpo`) | {s['ppo_rounds'][0]['pairs']} |"
+            in report)
+    assert "against the implicit reward of `runs/dpo` (beta 0.1" in report
+    assert "(2 iterations, then 1 round of 1 more, each against a new DPO round" in report
     last = yaml.safe_load((out / "runs" / "dpo" / "config.yaml").read_text())
     assert last["model"]["name_or_path"] == str(out / "runs" / "dpo-rounds" / "round-1") and last["ref_model"] is None
     assert last["data"]["dataset_name"] == str(out / "runs" / "dpo-rounds" / "comparisons-2")
     assert (last["max_steps"], last["warmup_steps"]) == (1, 0)
     round1 = yaml.safe_load((out / "runs" / "dpo-rounds" / "round-1" / "config.yaml").read_text())
     assert round1["max_steps"] == 2
+    # PPO: 2 iterations against the implicit reward of runs/dpo, then one round: comparisons of its own
+    # answers (seeds after DPO's two rounds'), a DPO round from runs/dpo on them, PPO resumed to 3 against it
+    assert s["ppo_rounds"] == [{
+        "round": 1, "policy_steps": 2, "max_steps": 3, "data": "runs/ppo-rounds/comparisons-1", "dpo_start": "runs/dpo",
+        "reward_model": "runs/ppo-rounds/round-1", "dpo_steps": 1, "pairing": "best-rest",
+        **{k: s["ppo_rounds"][0][k] for k in ("prompts", "pairs", "prompts_without_pair", "judge_score",
+                                              "best_judge_score")}}]
+    assert s["ppo_rounds"][0]["prompts"] == 16
+    assert json.loads((out / "runs" / "ppo-rounds" / "rounds.json").read_text()) == s["ppo_rounds"]
+    made = json.loads((out / "runs" / "ppo-rounds" / "comparisons-1" / "comparisons.json").read_text())
+    assert made["args"]["policy"] == str(out / "runs" / "ppo") and made["args"]["seed"] == 3000
+    assert made["args"]["pairs"] == "best-rest" and made["train"]["pairs"] == s["ppo_rounds"][0]["pairs"]
+    dpo_r1 = yaml.safe_load((out / "runs" / "ppo-rounds" / "round-1" / "config.yaml").read_text())
+    assert (dpo_r1["model"]["name_or_path"], dpo_r1["data"]["dataset_name"], dpo_r1["max_steps"]) == (
+        str(out / "runs" / "dpo"), str(out / "runs" / "ppo-rounds" / "comparisons-1"), 1)
+    ppo_cfg = yaml.safe_load((out / "runs" / "ppo" / "config.yaml").read_text())
+    assert (ppo_cfg["reward_model_type"], ppo_cfg["reward_model_path"], ppo_cfg["value_model_path"],
+            ppo_cfg["max_steps"]) == ("implicit", str(out / "runs" / "ppo-rounds" / "round-1"),
+                                      str(out / "runs" / "reward"), 3)
+    ppo_steps = [r["step"] for r in map(json.loads, open(out / "runs" / "ppo" / "metrics.jsonl")) if "loss" in r]
+    assert ppo_steps == [1, 2, 3]  # one run of three iterations, resumed once
+    assert sorted(os.listdir(out / "runs" / "ppo" / "checkpoints"))[-1] == "3"
     # best-of-n of SFT: k = 1, 2, picked by the judge and the reward model
     curve = s["best_of_n"]
     bon = [json.loads(line) for line in open(out / "eval" / "best_of_n" / "best_of_n.jsonl")]
@@ -172,6 +201,19 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     run_demo(str(out), quick=True, sets=SETS)
     assert capsys.readouterr().out.count("finished in an earlier run") == len(STAGES) - 1
     assert (out / "report.md").exists() and "report" in json.loads((out / "summary.json").read_text())["stages"]
+
+    # a ppo stage stopped in its round, after the round's comparisons, continues there: neither the first
+    # iterations nor the comparisons are redone, and the trainers resume at their last step
+    (out / "runs" / "ppo-rounds" / "rounds.json").unlink()
+    policy = (out / "runs" / "ppo" / "model.safetensors").read_bytes()
+    stage = next(st for st in STAGES if st.name == "ppo")
+    result = stage.run(Demo(out=str(out), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir()))
+    printed = capsys.readouterr().out
+    assert result == {"ppo_rounds": s["ppo_rounds"]} and "PPO 2 -> 3 iterations" in printed
+    assert "comparisons of" not in printed  # nothing collected again, and no iteration taken again:
+    assert [r["step"] for r in map(json.loads, open(out / "runs" / "ppo" / "metrics.jsonl")) if "loss" in r] == \
+        [1, 2, 3]
+    assert (out / "runs" / "ppo" / "model.safetensors").read_bytes() == policy
 
     # another plan into the same DIR is refused, naming the difference
     with pytest.raises(DemoError, match=r"sft\.max_steps: 3 -> 4"):
@@ -258,11 +300,14 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     assert reusable(["reward.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "sft", "comparisons", "dpo"]
     # new comparisons: everything trained on them, and PPO against their reward model, run again
     assert reusable(["comparisons.n=3"]) == kinds + ["data", "tower", "pretrain", "sft"]
-    # DPO's round settings, kept in the comparisons section, are DPO's, and PPO reads DPO (its first
-    # round is PPO's reward model with ppo.reward_model_type=implicit), so both run again
+    # DPO's round settings, kept in the comparisons section, are DPO's, and PPO reads DPO (its final
+    # policy is PPO's reward model with ppo.reward_model_type=implicit), so both run again
     more_rounds = kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward"]
     assert reusable(["comparisons.dpo_rounds=3"]) == reusable(["comparisons.round_steps=7"]) == more_rounds
     assert reusable(["comparisons.round_pairs=all"]) == more_rounds
+    # PPO's round settings are PPO's alone
+    assert reusable(["comparisons.ppo_rounds=2"]) == reusable(["comparisons.ppo_round_steps=3"]) == \
+        kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward", "dpo"]
     assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain"]
     assert reusable(["tower.steps=5"]) == kinds + ["data"]
     assert reusable(["data.eval_rows=4"]) == ["tower"]  # every dataset has an eval split
@@ -294,7 +339,9 @@ def test_plan_settings_and_trainer_configs():
                      ("data.eval_rows=many", "expected int"), ("data.sft_rows=0", "must be >= 1"),
                      ("comparisons.pairs=some", "comparisons.pairs: must be best-worst or best-rest or all"),
                      ("comparisons.prompts=short", "comparisons.prompts: must be prompt or sft"),
-                     ("comparisons.n=1", "comparisons.n: must be >= 2")):
+                     ("comparisons.n=1", "comparisons.n: must be >= 2"),
+                     ("comparisons.ppo_rounds=-1", "comparisons.ppo_rounds: must be >= 0"),
+                     ("comparisons.ppo_round_steps=0", "comparisons.ppo_round_steps: must be >= 1")):
         with pytest.raises(DemoError, match=msg):
             make_plan(False, [bad])
 
@@ -304,16 +351,27 @@ def test_plan_settings_and_trainer_configs():
         "DIR/runs/ppo", "DIR/data/prompt", "DIR/runs/sft", "DIR/runs/reward")
     assert ppo.max_steps == PLANS["full"]["ppo"]["max_steps"] and ppo.kl_coef == 0.1
     assert ppo.resume_from_checkpoint is True and ppo.response_length == 48  # the rest is configs/shapes/ppo.yaml
-    # the ppo stage's config: the YAML's scalar reward model, or DPO's first round read as one
+    # the ppo stage's config: the plans' implicit reward of DPO's final policy (whatever the rounds), the
+    # value model from the scalar reward model; or, set to scalar, the YAML's reward model, without rounds
     stage = next(s for s in STAGES if s.name == "ppo")
-    assert stage.config(demo).reward_model_path == "DIR/runs/reward" and "dpo" in stage.needs
-    for sets, first_round in (([], "DIR/runs/dpo-rounds/round-1"), (["comparisons.dpo_rounds=1"], "DIR/runs/dpo")):
-        implicit = Demo(out="DIR", plan=make_plan(False, ["ppo.reward_model_type=implicit"] + sets), quick=False,
+    for sets in ([], ["comparisons.dpo_rounds=1"]):
+        implicit = Demo(out="DIR", plan=make_plan(False, ["ppo.kl_coef=0.1"] + sets), quick=False,
                         configs=default_configs_dir())
         cfg = stage.config(implicit)
-        assert (cfg.reward_model_type, cfg.reward_model_path, cfg.value_model_path) == (
-            "implicit", first_round, "DIR/runs/reward")
-        assert "its implicit reward, beta 0.1" in stage.describe(implicit)
+        assert (cfg.reward_model_type, cfg.reward_model_path, cfg.value_model_path, cfg.max_steps) == (
+            "implicit", "DIR/runs/dpo", "DIR/runs/reward", PLANS["full"]["ppo"]["max_steps"])
+        assert "its implicit reward, beta 0.1" in stage.describe(implicit) and "dpo" in stage.needs
+        assert "; then 2 rounds of 40 iterations, each against a new DPO round (60 steps from the last)" in \
+            stage.describe(implicit)
+    # a round's PPO: the same run, resumed longer against the round's DPO policy (the value model as before)
+    cfg = ppo_config(implicit, {"reward_model_path": "DIR/runs/ppo-rounds/round-1", "max_steps": 160})
+    assert (cfg.reward_model_path, cfg.value_model_path, cfg.max_steps, cfg.output_dir) == (
+        "DIR/runs/ppo-rounds/round-1", "DIR/runs/reward", 160, "DIR/runs/ppo")
+    scalar = Demo(out="DIR", plan=make_plan(False, ["ppo.reward_model_type=scalar", "comparisons.ppo_rounds=0"]),
+                  quick=False, configs=default_configs_dir())
+    assert (stage.config(scalar).reward_model_path, stage.config(scalar).value_model_path) == ("DIR/runs/reward", None)
+    with pytest.raises(DemoError, match="comparisons.ppo_rounds=2 needs ppo.reward_model_type=implicit"):
+        config_fingerprints(dataclasses.replace(scalar, plan=make_plan(False, ["ppo.reward_model_type=scalar"])))
     sft = trainer_config("sft", demo, "sft", start="pretrain")
     assert sft.model.name_or_path == "DIR/runs/pretrain" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
     assert sft.model.freeze_vision  # configs/shapes/sft.yaml: the pretrained tower stays as it is
@@ -354,6 +412,8 @@ def test_the_report_names_the_reward_ppo_was_tuned_against(tmp_path):
                       f"implicit_reward_beta: 0.1\nvalue_model_path: {tmp_path}/runs/reward\n")
     assert _ppo_reward_text(str(tmp_path)) == ("the implicit reward of `runs/dpo-rounds/round-1` (beta 0.1 x log pi / "
                                                "pi_sft; value model from `runs/reward`)")
+    # after PPO's rounds the config names the last round's reward model: the report names the first's
+    assert _ppo_reward_text(str(tmp_path), "runs/dpo").startswith("the implicit reward of `runs/dpo` (beta 0.1")
 
 
 def test_judge_bins_split_the_scores_at_0_one_half_and_1():
