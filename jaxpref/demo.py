@@ -244,6 +244,9 @@ def ppo_config(demo: Demo, extra: dict | None = None):
                             f"against its implicit reward), not {cfg.reward_model_type!r}: set "
                             f"comparisons.ppo_rounds=0 to tune against the scalar reward model")
         return trainer_config("ppo", demo, "prompt", "sft", "reward", extra=extra)
+    if demo.plan["comparisons"]["ppo_rounds"] and cfg.max_steps <= 0:
+        raise DemoError(f"comparisons.ppo_rounds counts PPO's iterations on from ppo.max_steps, which is "
+                        f"{cfg.max_steps}: set ppo.max_steps rather than ppo.total_episodes")
     return trainer_config("ppo", demo, "prompt", "sft", extra={
         "reward_model_path": demo.path("runs", "dpo"),
         "value_model_path": cfg.value_model_path or demo.path("runs", "reward"), **(extra or {})})

@@ -372,6 +372,9 @@ def test_plan_settings_and_trainer_configs():
     assert (stage.config(scalar).reward_model_path, stage.config(scalar).value_model_path) == ("DIR/runs/reward", None)
     with pytest.raises(DemoError, match="comparisons.ppo_rounds=2 needs ppo.reward_model_type=implicit"):
         config_fingerprints(dataclasses.replace(scalar, plan=make_plan(False, ["ppo.reward_model_type=scalar"])))
+    with pytest.raises(DemoError, match="set ppo.max_steps rather than ppo.total_episodes"):
+        config_fingerprints(dataclasses.replace(scalar, plan=make_plan(False, ["ppo.max_steps=0",
+                                                                               "ppo.total_episodes=640"])))
     sft = trainer_config("sft", demo, "sft", start="pretrain")
     assert sft.model.name_or_path == "DIR/runs/pretrain" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
     assert sft.model.freeze_vision  # configs/shapes/sft.yaml: the pretrained tower stays as it is
