@@ -1224,9 +1224,12 @@ def write_report(out: str) -> str:
         lower = sum(s["policy_judge"] < s["reference_judge"] for s in cases)
         lines.append(f"- {m.upper()}: {len(cases)} of {len(samples[m])} prompts ({len(cases) / len(samples[m]):.0%}); "
                      f"on {lower} of them the judge scores the policy strictly lower.")
-    if len(ppo_evals) >= 2:
-        a, b = ppo_evals[0], ppo_evals[-1]
-        lines.append(f"- During PPO training (held-out, step {a['step']} -> {b['step']}): reward "
+    # one reward model's scores: PPO's first iterations (each of its rounds reads another DPO round)
+    first_evals = [r for r in ppo_evals if not ppo_rounds or r["step"] <= ppo_rounds[0]["policy_steps"]]
+    if len(first_evals) >= 2:
+        a, b = first_evals[0], first_evals[-1]
+        lines.append(f"- During PPO training (held-out, step {a['step']} -> {b['step']}"
+                     + (", before its rounds" if ppo_rounds else "") + f"): reward "
                      f"{_f(a.get('eval_reward'))} -> {_f(b.get('eval_reward'))}, gold judge score "
                      f"{_f(a['eval_judge_score'])} -> {_f(b['eval_judge_score'])}.")
     lines.append("")

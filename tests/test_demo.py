@@ -111,6 +111,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
             in report)
     assert "against the implicit reward of `runs/dpo` (beta 0.1" in report
     assert "(2 iterations, then 1 round of 1 more, each against a new DPO round" in report
+    assert "- During PPO training (held-out, step 1 -> 2, before its rounds): reward" in report  # one reward's
     last = yaml.safe_load((out / "runs" / "dpo" / "config.yaml").read_text())
     assert last["model"]["name_or_path"] == str(out / "runs" / "dpo-rounds" / "round-1") and last["ref_model"] is None
     assert last["data"]["dataset_name"] == str(out / "runs" / "dpo-rounds" / "comparisons-2")
