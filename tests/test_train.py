@@ -522,7 +522,11 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_task, tmp_
     from jaxpref.train.logging import TIMING, read_metrics
 
     kw = dict(max_steps=40, eval_steps=10, save_steps=8, logging_steps=3)
-    runs = {name: run_overrides(tiny_task, "sft", tmp_path / name, **kw) for name in ("a", "b")}
+    # b's output_dir is relative to the processes' working directory: resuming restores from output_dir's
+    # own checkpoint manager, not a second, read-only one on the same directory
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {name: run_overrides(tiny_task, "sft", os.path.relpath(tmp_path / name, repo) if name == "b" else
+                                tmp_path / name, **kw) for name in ("a", "b")}
     logs = {name: open(tmp_path / f"{name}.log", "w+") for name in runs}
     a, b = _spawn(runs["a"], logs["a"]), _spawn(runs["b"], logs["b"])
     deadline, ckpts = time.time() + 300, str(tmp_path / "b" / "checkpoints")
@@ -543,3 +547,4 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_task, tmp_
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
     ma, mb = strip(read_metrics(str(tmp_path / "a"))), strip(read_metrics(str(tmp_path / "b")))
     assert ma == mb and len([r for r in ma if "eval_loss" in r]) == 4
+    assert "read only" not in open(tmp_path / "b.log").read()

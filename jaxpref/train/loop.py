@@ -277,7 +277,7 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
     else:
         directory, step = resume
         target = abstract_state(shardings, steps.param_shapes, tx)
-        if directory == checkpointer.directory:
+        if os.path.abspath(directory) == checkpointer.directory:  # resume_from_checkpoint=true: output_dir's own
             state, data, saved_cfg = checkpointer.restore(step, target)
         else:
             other = Checkpointer(directory, read_only=True)
