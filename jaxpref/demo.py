@@ -1112,7 +1112,8 @@ def write_report(out: str) -> str:
     img = os.path.join(out, "img")
     plot_reward_model(os.path.join(out, "runs", "reward"), os.path.join(img, "reward_model.png"),
                       ceiling=rm.get("label_agreement"), gold=rm.get("gold_accuracy"))
-    plot_ppo(os.path.join(out, "runs", "ppo"), os.path.join(img, "ppo.png"))
+    plot_ppo(os.path.join(out, "runs", "ppo"), os.path.join(img, "ppo.png"),
+             rounds=[r["policy_steps"] for r in summary.get("ppo_rounds") or []])
     plot_win_rates(summary, os.path.join(img, "win_rates.png"))
     samples = {m: _samples(out, m) for m in METHODS}
     judges = judge_table(samples)
@@ -1143,7 +1144,7 @@ def write_report(out: str) -> str:
                     f"{rounds} rounds: {steps['dpo']} steps from `runs/sft`, then {plan['comparisons']['round_steps']} "
                     f"steps a round on comparisons of the last round's answers (paired "
                     f"{plan['comparisons']['round_pairs']}) -> `runs/dpo` (`runs/dpo-rounds/`)"),
-            "ppo": f"{_ppo_steps(summary, steps['ppo'])}, from `runs/sft` against {ppo_reward} -> `runs/ppo`"
+            "ppo": f"from `runs/sft` against {ppo_reward}: {_ppo_steps(summary, steps['ppo'])} -> `runs/ppo`"
                    + (" (`runs/ppo-rounds/`)" if ppo_rounds else ""),
             "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")

@@ -56,10 +56,12 @@ def plot_run(run_dir: str, keys: list[str], path: str, title: str | None = None)
     return save(fig, path)
 
 
-def plot_ppo(run_dir: str, path: str) -> str:
+def plot_ppo(run_dir: str, path: str, rounds: list[int] = ()) -> str:
     """PPO per iteration: the gold judge's score of held-out samples (policy and reference), the
     reward model's score (training rollouts and held-out), KL to the reference, and the win-rates.
-    A reward that climbs while the judge score does not is reward hacking."""
+    A reward that climbs while the judge score does not is reward hacking. `rounds`: iterations at
+    which a new reward model took over (iterated RLHF), drawn as dotted lines; the reward's scale
+    changes there."""
     records = read_metrics(run_dir)
     fig, axes = _figure(4)
     ax = axes[0]
@@ -82,6 +84,8 @@ def plot_ppo(run_dir: str, path: str) -> str:
     ax.set_ylim(0, 1)
     ax.set_title("win-rate vs reference (ties 1/2)")
     for ax in axes:
+        for i, step in enumerate(rounds):
+            ax.axvline(step, color="gray", ls=":", lw=1, label="new reward (round)" if i == 0 else None)
         ax.set_xlabel("PPO iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
