@@ -1,7 +1,7 @@
 """`jaxpref demo`: the whole pipeline on the built-in shapes task, stage by stage, ending in a report.
 
-    jaxpref demo                                   # the full plan (~110 min on a 2-core CPU) -> runs/demo
-    jaxpref demo --quick --out runs/demo-quick     # the quick plan (~9 min)
+    jaxpref demo                                   # the full plan (~3 h 20 min on a 2-core CPU) -> runs/demo
+    jaxpref demo --quick --out runs/demo-quick     # the quick plan (~13 min)
     jaxpref demo --quick --set sft.max_steps=50 --set eval.num=32     # change the plan: STAGE.KEY=VALUE
 
     from jaxpref.demo import run_demo
@@ -70,8 +70,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~110 min (tower 18, pretrain 38-46, the
-# stages after SFT ~35 alone), quick ~9 min (7.2 min measured before the pretrain stage).
+# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~3 h 20 min (demo-s26's stages, most of
+# them sharing the CPU: tower 18 min, pretrain 51, SFT 16, comparisons 4, reward 8, DPO's rounds 56, PPO and
+# its rounds 45, eval 4), quick ~13 min (12.7 alone in session 26, 3.6 of
+# it PPO with its one round).
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row), best-of-n's largest n (0: none) and
 # the held-out short questions each model answers (`reads`, jaxpref.eval.short_answer_reads; 0: none).
@@ -1461,7 +1463,7 @@ def add_demo_parser(subparsers):
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the quick plan (~9 min on a 2-core CPU) instead of the full one (~110 min)")
+                   help="the quick plan (~13 min on a 2-core CPU) instead of the full one (~3 h 20 min)")
     p.add_argument("--out", default="runs/demo",
                    help="output directory; re-running with it resumes (default: runs/demo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
