@@ -332,13 +332,8 @@ def dpo_rounds_stage() -> Stage:
                 f"comparisons of its own answers (paired {c['round_pairs']}) -> {demo.path('runs', 'dpo')} "
                 f"(earlier rounds in {demo.path('runs', 'dpo-rounds')})")
 
-    def plan_entries(plan: dict) -> dict:
-        """dpo's section and DPO's round settings, which live in `comparisons` (ROUND_KEYS)."""
-        rounds = plan.get("comparisons", {})
-        return {**plan.get("dpo", {}), **{f"comparisons.{k}": rounds.get(k) for k in ROUND_KEYS}}
-
     return dataclasses.replace(base, run=run, describe=describe, outputs=base.outputs + ("runs/dpo-rounds",),
-                               results=("dpo_rounds",), plan_entries=plan_entries)
+                               results=("dpo_rounds",), plan_entries=_with_round_keys("dpo", ROUND_KEYS))
 
 
 def ppo_rounds_stage() -> Stage:
@@ -401,13 +396,16 @@ def ppo_rounds_stage() -> Stage:
                 f"against a new DPO round ({c['round_steps']} steps from the last) on comparisons of PPO's own "
                 f"answers (paired {c['round_pairs']}) -> {demo.path('runs', 'ppo-rounds')}")
 
-    def plan_entries(plan: dict) -> dict:
-        """ppo's section and PPO's round settings, which live in `comparisons` (PPO_ROUND_KEYS)."""
-        rounds = plan.get("comparisons", {})
-        return {**plan.get("ppo", {}), **{f"comparisons.{k}": rounds.get(k) for k in PPO_ROUND_KEYS}}
-
     return dataclasses.replace(base, run=run, describe=describe, outputs=base.outputs + ("runs/ppo-rounds",),
-                               results=("ppo_rounds",), plan_entries=plan_entries)
+                               results=("ppo_rounds",), plan_entries=_with_round_keys("ppo", PPO_ROUND_KEYS))
+
+
+def _with_round_keys(section: str, keys: tuple[str, ...]) -> Callable[[dict], dict]:
+    """A Stage.plan_entries: the plan's `section` and the round settings `keys`, which live in `comparisons`."""
+    def entries(plan: dict) -> dict:
+        rounds = plan.get("comparisons", {})
+        return {**plan.get(section, {}), **{f"comparisons.{k}": rounds.get(k) for k in keys}}
+    return entries
 
 
 def _has_checkpoints(output_dir: str) -> bool:
