@@ -238,14 +238,14 @@ def ppo_config(demo: Demo, extra: dict | None = None):
     starting from DIR/runs/reward. `extra`: overrides after those (PPO's rounds: their reward model and
     iterations). PPO's rounds (comparisons.ppo_rounds > 0) retrain the DPO policy PPO reads its reward
     from, so they need the implicit reward."""
-    cfg = trainer_config("ppo", demo, "prompt", "sft", "reward")
+    cfg = trainer_config("ppo", demo, "prompt", "sft", "reward", extra=extra)
     if cfg.reward_model_type != "implicit":
         if demo.plan["comparisons"]["ppo_rounds"]:
             raise DemoError(f"comparisons.ppo_rounds={demo.plan['comparisons']['ppo_rounds']} needs "
                             f"ppo.reward_model_type=implicit (each round trains a new DPO round and PPO continues "
                             f"against its implicit reward), not {cfg.reward_model_type!r}: set "
                             f"comparisons.ppo_rounds=0 to tune against the scalar reward model")
-        return trainer_config("ppo", demo, "prompt", "sft", "reward", extra=extra)
+        return cfg
     if demo.plan["comparisons"]["ppo_rounds"] and cfg.max_steps <= 0:
         raise DemoError(f"comparisons.ppo_rounds counts PPO's iterations on from ppo.max_steps, which is "
                         f"{cfg.max_steps}: set ppo.max_steps rather than ppo.total_episodes")
@@ -263,10 +263,32 @@ def dpo_round_config(demo: Demo, start: str, data: str, out: str):
         "warmup_steps": steps // 6})
 
 
+ROUND_STATS = ("prompts", "pairs", "prompts_without_pair", "judge_score", "best_judge_score")  # kept per round
+
+
+def _read_rounds(record: str) -> list[dict]:
+    """The finished rounds a rounds.json records ([] before the first)."""
+    if not os.path.exists(record):
+        return []
+    with open(record) as f:
+        return json.load(f)
+
+
 def _write_rounds(record: str, done: list[dict]):
     with open(record + ".tmp", "w") as f:
         json.dump(done, f, indent=2)
     os.replace(record + ".tmp", record)
+
+
+def _round_comparisons(demo: Demo, policy: str, data: str, round_: int, head: str) -> dict:
+    """A later round's comparisons of `policy`'s answers in `data` (collect_comparisons, round `round_`),
+    or, when a stopped run finished them (comparisons.json written), their train split's counts."""
+    stats_file = os.path.join(data, "comparisons.json")
+    if os.path.exists(stats_file):  # collected before a stop
+        with open(stats_file) as f:
+            return json.load(f)["train"]
+    print(f"  {head}: comparisons of {policy}'s answers -> {data}", flush=True)
+    return collect_comparisons(demo, policy, data, round_)
 
 
 def dpo_rounds_stage() -> Stage:
@@ -295,17 +317,12 @@ def dpo_rounds_stage() -> Stage:
         root = demo.path("runs", "dpo-rounds")
         os.makedirs(root, exist_ok=True)
         record = os.path.join(root, "rounds.json")
-        done = json.load(open(record)) if os.path.exists(record) else []
+        done = _read_rounds(record)
         for r in range(len(done) + 1, rounds + 1):
             start, data, out = paths(demo, r)
             stats = demo.summary.get("comparisons", {})
             if r > 1:
-                stats_file = os.path.join(data, "comparisons.json")
-                if os.path.exists(stats_file):  # collected before a stop
-                    stats = json.load(open(stats_file))["train"]
-                else:
-                    print(f"  round {r}: comparisons of {start}'s answers -> {data}", flush=True)
-                    stats = collect_comparisons(demo, start, data, r)
+                stats = _round_comparisons(demo, start, data, r, f"round {r}")
             print(f"  round {r}/{rounds}: DPO from {start} on {data} -> {out}", flush=True)
             c = demo.plan["comparisons"]
             if r > 1:  # later rounds: shorter, on more pairs per prompt (round_pairs)
@@ -317,8 +334,7 @@ def dpo_rounds_stage() -> Stage:
             done.append({"round": r, "start": os.path.relpath(start, demo.out), "data": os.path.relpath(data, demo.out),
                          "output_dir": os.path.relpath(out, demo.out), "max_steps": cfg.max_steps,
                          "pairing": c["pairs"] if r == 1 else c["round_pairs"],
-                         **{k: stats.get(k) for k in ("prompts", "pairs", "prompts_without_pair", "judge_score",
-                                                      "best_judge_score")}})
+                         **{k: stats.get(k) for k in ROUND_STATS}})
             _write_rounds(record, done)
         return {"dpo_rounds": done}
 
@@ -357,7 +373,7 @@ def ppo_rounds_stage() -> Stage:
         root = demo.path("runs", "ppo-rounds")
         os.makedirs(root, exist_ok=True)
         record = os.path.join(root, "rounds.json")
-        done = json.load(open(record)) if os.path.exists(record) else []
+        done = _read_rounds(record)
         first, policy = ppo_config(demo), demo.path("runs", "ppo")
         if not done and not os.path.exists(os.path.join(root, "comparisons-1", "comparisons.json")):
             RUNNERS["ppo"](first)  # the first iterations (resuming from a checkpoint when stopped in them)
@@ -365,14 +381,8 @@ def ppo_rounds_stage() -> Stage:
             data, out = os.path.join(root, f"comparisons-{r}"), os.path.join(root, f"round-{r}")
             start = demo.path("runs", "dpo") if r == 1 else os.path.join(root, f"round-{r - 1}")
             before, steps = first.max_steps + (r - 1) * c["ppo_round_steps"], first.max_steps + r * c["ppo_round_steps"]
-            stats_file = os.path.join(data, "comparisons.json")
-            if os.path.exists(stats_file):  # collected before a stop
-                with open(stats_file) as f:
-                    stats = json.load(f)["train"]
-            else:
-                print(f"  PPO round {r}/{c['ppo_rounds']}: comparisons of {policy}'s answers (iteration {before}) "
-                      f"-> {data}", flush=True)
-                stats = collect_comparisons(demo, policy, data, c["dpo_rounds"] + r)
+            stats = _round_comparisons(demo, policy, data, c["dpo_rounds"] + r,
+                                       f"PPO round {r}/{c['ppo_rounds']} (iteration {before})")
             print(f"  PPO round {r}/{c['ppo_rounds']}: DPO from {start} on {data} -> {out}", flush=True)
             dpo = dpo_round_config(demo, start, data, out)
             RUNNERS["dpo"](dpo)
@@ -382,9 +392,7 @@ def ppo_rounds_stage() -> Stage:
             rel = lambda path: os.path.relpath(path, demo.out)
             done.append({"round": r, "policy_steps": before, "max_steps": steps, "data": rel(data),
                          "dpo_start": rel(start), "reward_model": rel(out), "dpo_steps": dpo.max_steps,
-                         "pairing": c["round_pairs"],
-                         **{k: stats.get(k) for k in ("prompts", "pairs", "prompts_without_pair", "judge_score",
-                                                      "best_judge_score")}})
+                         "pairing": c["round_pairs"], **{k: stats.get(k) for k in ROUND_STATS}})
             _write_rounds(record, done)
         return {"ppo_rounds": done}
 
