@@ -74,6 +74,36 @@ class MeshArgs:
 
 
 @dataclasses.dataclass(frozen=True)
+class SchedulerArgs:
+    """transformers' `lr_scheduler_kwargs`: the schedule's own parameters (null: transformers' default).
+    Each schedule takes some of them (jaxpref.train.optim.SCHEDULES); setting another is an error."""
+
+    num_cycles: float | None = None
+    """cosine / cosine_with_min_lr / warmup_stable_decay: waves of the cosine (0.5: one decay to the floor);
+    cosine_with_restarts: the number of hard restarts (1)."""
+    min_lr: float | None = None
+    """cosine_with_min_lr: the floor the cosine decays to (or min_lr_rate; one of them is required)."""
+    min_lr_rate: float | None = None
+    """cosine_with_min_lr: the floor as a fraction of learning_rate."""
+    lr_end: float | None = None
+    """polynomial: the learning rate at the end (1e-7; must be below learning_rate)."""
+    power: float | None = None
+    """polynomial: the decay's power (1.0: linear)."""
+    timescale: int | None = None
+    """inverse_sqrt: the step scale of the decay (default: the warmup steps, or 10 000 without warmup)."""
+    num_decay_steps: int | None = None
+    """warmup_stable_decay: steps of the final decay (required)."""
+    num_stable_steps: int | None = None
+    """warmup_stable_decay: steps at learning_rate (default: the steps left after warmup and decay)."""
+    warmup_type: str | None = None
+    """warmup_stable_decay: linear (default), cosine or 1-sqrt."""
+    decay_type: str | None = None
+    """warmup_stable_decay: cosine (default), linear or 1-sqrt."""
+    min_lr_ratio: float | None = None
+    """warmup_stable_decay: where warmup starts and decay ends, as a fraction of learning_rate (0)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """Fields every trainer shares (transformers' TrainingArguments names; TRL's defaults where TRL overrides)."""
 
@@ -83,6 +113,8 @@ class TrainingConfig:
     """Peak learning rate of AdamW."""
     lr_scheduler_type: str = "linear"
     """Learning-rate schedule after warmup (jaxpref.train.optim.SCHEDULES)."""
+    lr_scheduler_kwargs: SchedulerArgs = SchedulerArgs()
+    """The schedule's parameters (transformers' names), e.g. `lr_scheduler_kwargs.num_decay_steps=300`."""
     warmup_ratio: float = 0.0
     """Fraction of the training steps spent in linear warmup (used when warmup_steps is 0)."""
     warmup_steps: int = 0
@@ -133,10 +165,17 @@ class TrainingConfig:
     def validate(self) -> "TrainingConfig":
         """Checks every value; raises ConfigError naming the key and what it allows."""
         from jaxpref.data.loader import BAD_RECORD_POLICIES
-        from jaxpref.train.optim import SCHEDULES
+        from jaxpref.train.optim import SCHEDULES, schedule_kwargs
 
         _check(bool(self.output_dir), "output_dir", "is required")
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULES)
+        try:
+            schedule_kwargs(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name, low in (("num_decay_steps", 0), ("num_stable_steps", 0), ("timescale", 1)):
+            v = getattr(self.lr_scheduler_kwargs, name)
+            _check(v is None or v >= low, f"lr_scheduler_kwargs.{name}", f"must be >= {low}")
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16"))
         _choice("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
         _check(bool(self.data.dataset_name), "data.dataset_name", "is required")

@@ -50,7 +50,10 @@ def test_yaml_and_typed_overrides(tmp_path):
 
 
 def test_to_yaml_round_trips(tmp_path):
-    cfg = config_from_dict(SFTConfig, BASE, ["truncation_mode=keep_end", "data.num_images=2", "warmup_ratio=0.1"])
+    cfg = config_from_dict(SFTConfig, BASE, ["truncation_mode=keep_end", "data.num_images=2", "warmup_ratio=0.1",
+                                             "lr_scheduler_type=warmup_stable_decay",
+                                             "lr_scheduler_kwargs.num_decay_steps=30"])
+    assert cfg.lr_scheduler_kwargs.num_decay_steps == 30 and cfg.lr_scheduler_kwargs.decay_type is None
     path = tmp_path / "round.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config("sft", str(path)) == cfg
@@ -62,8 +65,22 @@ def test_to_yaml_round_trips(tmp_path):
     (["learning_rate=fast"], ["learning_rate: expected a number, got 'fast'"]),
     (["max_steps=2.5"], ["max_steps: expected an integer"]),
     (["bf16=maybe"], ["bf16: expected true/false"]),
-    (["lr_scheduler_type=polynomial"], ["lr_scheduler_type: 'polynomial' is not one of",
-                                         "'constant', 'constant_with_warmup', 'cosine', 'linear'"]),
+    (["lr_scheduler_type=greedy"], ["lr_scheduler_type: 'greedy' is not one of",
+                                     "'constant', 'constant_with_warmup', 'cosine', 'cosine_with_min_lr'"]),
+    (["lr_scheduler_kwargs.power=2"], ["lr_scheduler_kwargs.power: not a parameter of lr_scheduler_type 'linear' "
+                                       "(it takes none)"]),
+    (["lr_scheduler_type=cosine", "lr_scheduler_kwargs.min_lr=0"],
+     ["lr_scheduler_kwargs.min_lr: not a parameter of lr_scheduler_type 'cosine' (it takes num_cycles)"]),
+    (["lr_scheduler_kwargs.cycles=2"], ["unknown key 'lr_scheduler_kwargs.cycles'", "lr_scheduler_kwargs.num_cycles"]),
+    (["lr_scheduler_type=warmup_stable_decay"],
+     ["lr_scheduler_kwargs.num_decay_steps: required by warmup_stable_decay"]),
+    (["lr_scheduler_type=warmup_stable_decay", "lr_scheduler_kwargs.num_decay_steps=5",
+      "lr_scheduler_kwargs.decay_type=exp"], ["lr_scheduler_kwargs.decay_type: 'exp' is not one of"]),
+    (["lr_scheduler_type=cosine_with_min_lr"], ["cosine_with_min_lr needs exactly one of min_lr and min_lr_rate"]),
+    (["lr_scheduler_type=polynomial", "lr_scheduler_kwargs.lr_end=1"], ["lr_scheduler_kwargs.lr_end: must be below "
+                                                                        "learning_rate"]),
+    (["lr_scheduler_type=inverse_sqrt", "lr_scheduler_kwargs.timescale=0"], ["lr_scheduler_kwargs.timescale: "
+                                                                             "must be >= 1"]),
     (["data.on_bad_record=ignore"], ["data.on_bad_record: 'ignore' is not one of ['error', 'skip']"]),
     (["truncation_mode=middle"], ["truncation_mode: 'middle' is not one of ['keep_end', 'keep_start']"]),
     (["mesh=4"], ["mesh: is a section", "mesh.data"]),

@@ -81,19 +81,43 @@ def setup(kind, mesh, total=10, **kw):
 # optimizer
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_schedules_match_transformers(name):
+SCHEDULE_CASES = [(name, {}) for name in sorted(SCHEDULES) if name not in ("cosine_with_min_lr",
+                                                                           "warmup_stable_decay")] + [
+    ("cosine", {"num_cycles": 1.5}),
+    ("cosine_with_restarts", {"num_cycles": 3}),
+    ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+    ("cosine_with_min_lr", {"min_lr": 0.02, "num_cycles": 0.75}),
+    ("polynomial", {"lr_end": 0.01, "power": 2.0}),
+    ("inverse_sqrt", {"timescale": 7}),
+    ("warmup_stable_decay", {"num_decay_steps": 6}),
+    ("warmup_stable_decay", {"num_decay_steps": 5, "num_stable_steps": 4, "warmup_type": "cosine",
+                             "decay_type": "1-sqrt", "min_lr_ratio": 0.1}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "warmup_type": "1-sqrt", "decay_type": "linear",
+                             "num_cycles": 0.25}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", SCHEDULE_CASES)
+def test_schedules_match_transformers(name, kwargs):
+    """Every schedule and its lr_scheduler_kwargs against transformers' get_scheduler, through warmup, the
+    decay and past the last step."""
+    import warnings
+
     import torch
     from transformers import get_scheduler
 
     total, warmup = 20, 5
-    cfg = make_cfg("sft", lr_scheduler_type=name, warmup_steps=warmup, learning_rate=0.1)
+    cfg = make_cfg("sft", lr_scheduler_type=name, warmup_steps=warmup, learning_rate=0.1,
+                   **{f"lr_scheduler_kwargs.{k}": v for k, v in kwargs.items()})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    with warnings.catch_warnings():  # wsd warns when given num_stable_steps beside num_training_steps
+        warnings.simplefilter("ignore")
+        sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                              scheduler_specific_kwargs=kwargs)
     ours = make_schedule(cfg, total)
-    for step in range(total + 1):
-        np.testing.assert_allclose(float(ours(step)), sched.get_last_lr()[0], rtol=1e-6, atol=1e-9,
-                                   err_msg=f"{name} step {step}")
+    for step in range(total + 4):
+        np.testing.assert_allclose(float(ours(step)), sched.get_last_lr()[0], rtol=1e-5, atol=1e-8,
+                                   err_msg=f"{name} {kwargs} step {step}")
         opt.step()
         sched.step()
 
