@@ -122,6 +122,14 @@ def test_schedules_match_transformers(name, kwargs):
         sched.step()
 
 
+def test_wsd_decay_must_fit_in_the_run():
+    cfg = make_cfg("sft", lr_scheduler_type="warmup_stable_decay", warmup_steps=5,
+                   **{"lr_scheduler_kwargs.num_decay_steps": 20})
+    with pytest.raises(ValueError, match="20 decay steps after 5 warmup steps do not fit in the run's 24 steps"):
+        make_schedule(cfg, 24)
+    assert float(make_schedule(cfg, 25)(5)) == pytest.approx(1e-3)  # no stable phase: the decay starts at once
+
+
 def test_warmup_ratio_rounds_up_like_transformers():
     assert make_cfg("sft", warmup_ratio=0.1).warmup_ratio == 0.1
     from jaxpref.train.optim import warmup_steps

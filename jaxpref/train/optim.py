@@ -146,8 +146,13 @@ def warmup_steps(cfg, total_steps: int) -> int:
 
 
 def make_schedule(cfg, total_steps: int) -> Callable:
-    """step int[] -> learning rate float32[]."""
+    """step int[] -> learning rate float32[]. warmup_stable_decay without num_stable_steps needs its warmup
+    and decay to fit in `total_steps` (ValueError naming both)."""
     fn, warmup, kwargs = SCHEDULES[cfg.lr_scheduler_type][0], warmup_steps(cfg, total_steps), schedule_kwargs(cfg)
+    if cfg.lr_scheduler_type == "warmup_stable_decay" and "num_stable_steps" not in kwargs:
+        if warmup + kwargs["num_decay_steps"] > total_steps:
+            raise ValueError(f"lr_scheduler_kwargs.num_decay_steps: {kwargs['num_decay_steps']} decay steps after "
+                             f"{warmup} warmup steps do not fit in the run's {total_steps} steps")
     lr = cfg.learning_rate
     return lambda step: lr * fn(jnp.asarray(step, jnp.float32), total_steps, warmup, lr, **kwargs)
 
