@@ -47,6 +47,9 @@ every stage it reads (Stage.needs) is reused too. Changing only the PPO settings
 the report:
 
     jaxpref demo --out runs/demo-ppo120 --reuse runs/demo --set ppo.max_steps=120
+
+`--until STAGE` stops once STAGE has finished (it is not part of the plan): `jaxpref demo --until
+pretrain` makes the pretrained decoder and stops; the same command without --until goes on from there.
 """
 
 from __future__ import annotations
@@ -823,11 +826,15 @@ def _reuse(demo: Demo, stage: Stage, source: str, source_summary: dict):
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str | None = None,
-             reuse: str | None = None) -> dict:
+             reuse: str | None = None, until: str | None = None) -> dict:
     """Runs every stage not finished yet (see the module docstring); returns summary.json's contents.
     `reuse`: another demo's DIR; what of it this plan would make the same way (`reusable_stages`: the
     same plan entries and configs, for the stage and everything it reads) is copied instead of run,
-    e.g. to try other DPO or PPO settings without the ~80 min before them."""
+    e.g. to try other DPO or PPO settings without the ~80 min before them. `until`: the stage after
+    which to stop (None: the last)."""
+    names = [stage.name for stage in STAGES]
+    if until is not None and until not in names:
+        raise DemoError(f"--until {until}: not a stage; the stages: {', '.join(names)}")
     demo = Demo(out=out, plan=make_plan(quick, sets), quick=quick, configs=configs or default_configs_dir())
     fingerprints = config_fingerprints(demo)
     source, reusable = None, []
@@ -848,7 +855,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
         raise DemoError(f"--reuse {reuse}: {out} was started from {started}; continue it with --reuse {started} "
                         f"or without --reuse")
     write_summary(out, summary)
-    for i, stage in enumerate(STAGES, 1):
+    last = names.index(until) if until is not None else len(names) - 1
+    for i, stage in enumerate(STAGES[:last + 1], 1):
         head = f"[{i}/{len(STAGES)}] {stage.name}"
         if stage.name in summary["stages"]:
             print(f"{head}: finished in an earlier run ({_duration(summary['stages'][stage.name]['seconds'])}), "
@@ -882,6 +890,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
         summary["stages"][stage.name] = {"seconds": round(seconds, 2)}
         write_summary(out, summary)
     print(format_summary(summary, out), flush=True)
+    if last < len(names) - 1:
+        print(f"stopped after {until} (--until); the same command without --until goes on from "
+              f"{names[last + 1]}", flush=True)
     return summary
 
 
@@ -1480,6 +1491,9 @@ def add_demo_parser(subparsers):
                         "(same settings, and the same for every stage they read) are copied, not re-run")
     p.add_argument("--configs", default=None,
                    help="directory of the trainers' YAML configs (default: the repository's configs/shapes)")
+    p.add_argument("--until", default=None, metavar="STAGE",
+                   help=f"stop once STAGE has finished ({', '.join(s.name for s in STAGES)}); not part of "
+                        f"the plan: re-running without it goes on")
     p.set_defaults(func=_main)
 
 
@@ -1488,7 +1502,8 @@ def _main(args) -> int:
     from jaxpref.train.loop import NonFiniteError, RunError
 
     try:
-        run_demo(args.out, quick=args.quick, sets=args.sets, configs=args.configs, reuse=args.reuse)
+        run_demo(args.out, quick=args.quick, sets=args.sets, configs=args.configs, reuse=args.reuse,
+                 until=args.until)
     except (DemoError, ConfigError) as e:
         print(f"jaxpref demo: {e}", file=sys.stderr)
         return 2

@@ -285,6 +285,31 @@ def test_a_different_plan_or_config_is_refused_before_anything_runs(tmp_path, ca
         run_demo(str(other), quick=True, sets=SETS)
 
 
+def test_until_stops_after_the_stage_and_a_rerun_without_it_goes_on(tmp_path, capsys):
+    """--until runs what is left up to its stage and no further; it is not part of the plan."""
+    from jaxpref.cli import main
+
+    out = tmp_path / "demo"
+    with pytest.raises(DemoError, match="--until sfft: not a stage; the stages: data, tower, pretrain, sft"):
+        run_demo(str(out), quick=True, sets=SETS, until="sfft")
+    assert not out.exists()
+    assert main(["demo", "--quick", "--out", str(out), "--until", "data", *_set_args(SETS)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/10] data:" in printed and "[2/10]" not in printed
+    assert "stopped after data (--until); the same command without --until goes on from tower" in printed
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["stages"]) == ["data"] and (out / "data" / "short").is_dir() and not (out / "runs").exists()
+
+    # a DIR whose summary records the stages up to sft: nothing runs up to sft, and nothing after it
+    demo = Demo(out=str(out), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
+    done = {name: {"seconds": 1.0} for name in ("data", "tower", "pretrain", "sft")}
+    write_summary(str(out), {**s, "configs": config_fingerprints(demo), "stages": done})
+    assert run_demo(str(out), quick=True, sets=SETS, until="sft")["stages"] == done
+    printed = capsys.readouterr().out
+    assert printed.count("finished in an earlier run") == 4 and "[5/10]" not in printed
+    assert "goes on from comparisons" in printed
+
+
 def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_path):
     demo = Demo(out=str(tmp_path / "a"), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
     source = {"quick": True, "plan": demo.plan, "configs": config_fingerprints(demo),
