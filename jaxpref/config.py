@@ -577,10 +577,13 @@ def load_config(kind: str, path: str | None = None, overrides: Sequence[str] = (
 
 
 def to_dict(cfg) -> dict:
-    """Plain dict (tuples as lists): what to_yaml writes and config_from_dict reads back."""
+    """Plain dict (tuples as lists): what to_yaml writes and config_from_dict reads back. The
+    lr_scheduler_kwargs section lists only the parameters set, as transformers' dict does."""
     def plain(x):
         return list(x) if isinstance(x, tuple) else x
 
+    if isinstance(cfg, SchedulerArgs):
+        return {f.name: v for f in dataclasses.fields(cfg) if (v := getattr(cfg, f.name)) is not None}
     return {f.name: to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else plain(v)
             for f in dataclasses.fields(cfg)}
 

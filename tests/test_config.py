@@ -54,6 +54,8 @@ def test_to_yaml_round_trips(tmp_path):
                                              "lr_scheduler_type=warmup_stable_decay",
                                              "lr_scheduler_kwargs.num_decay_steps=30"])
     assert cfg.lr_scheduler_kwargs.num_decay_steps == 30 and cfg.lr_scheduler_kwargs.decay_type is None
+    assert "lr_scheduler_kwargs:\n  num_decay_steps: 30\n" in to_yaml(cfg)  # only what is set
+    assert "lr_scheduler_kwargs: {}\n" in to_yaml(config_from_dict(SFTConfig, BASE))
     path = tmp_path / "round.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config("sft", str(path)) == cfg
