@@ -1,8 +1,9 @@
 """AdamW and learning-rate schedules with transformers' names, parameters and semantics.
 
 The schedule is a multiplier of learning_rate as a function of the optimizer step (0 for the
-first update, as transformers' LambdaLR). All but `constant` warm up linearly over `warmup` steps,
-then (progress = (step - warmup) / (total - warmup)):
+first update, as transformers' LambdaLR). All but `constant` warm up over `warmup` steps (linearly,
+unless warmup_stable_decay's warmup_type says otherwise), then (progress = (step - warmup) / (total -
+warmup)):
 
   linear                 1 - progress, down to 0 at `total`
   cosine                 0.5 * (1 + cos(2 pi num_cycles progress)), num_cycles 0.5: one half-wave to 0
