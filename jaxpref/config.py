@@ -173,9 +173,6 @@ class TrainingConfig:
             schedule_kwargs(self)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name, low in (("num_decay_steps", 0), ("num_stable_steps", 0), ("timescale", 1)):
-            v = getattr(self.lr_scheduler_kwargs, name)
-            _check(v is None or v >= low, f"lr_scheduler_kwargs.{name}", f"must be >= {low}")
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16"))
         _choice("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
         _check(bool(self.data.dataset_name), "data.dataset_name", "is required")

@@ -66,8 +66,8 @@ def _cosine_with_restarts(step, total, warmup, lr, num_cycles=1):
 
 
 def _polynomial(step, total, warmup, lr, lr_end=1e-7, power=1.0):
-    remaining = 1 - (step - warmup) / max(1, total - warmup)
-    decay = ((lr - lr_end) * jnp.maximum(remaining, 0.0) ** power + lr_end) / lr
+    remaining = jnp.maximum(1 - _progress(step, total, warmup), 0.0)
+    decay = ((lr - lr_end) * remaining ** power + lr_end) / lr
     return jnp.where(step < warmup, _warmup(step, warmup), jnp.where(step > total, lr_end / lr, decay))
 
 
@@ -138,6 +138,9 @@ def schedule_kwargs(cfg) -> dict:
     for key in ("warmup_type", "decay_type"):
         if key in given and given[key] not in WSD_SHAPES:
             raise ValueError(f"lr_scheduler_kwargs.{key}: {given[key]!r} is not one of {list(WSD_SHAPES)}")
+    for key, low in (("num_decay_steps", 0), ("num_stable_steps", 0), ("timescale", 1)):
+        if given.get(key, low) < low:
+            raise ValueError(f"lr_scheduler_kwargs.{key}: must be >= {low}")
     return given
 
 
