@@ -74,8 +74,8 @@ class Decoder(nn.Module):
         return x * jnp.asarray(scale, self.dtype) if scale != 1.0 else x
 
     def attend(self, x):
-        """Tied LM head: [B, T, E] -> logits [B, T, V]."""
-        return self.embed.attend(x)
+        """Tied LM head: [B, T, E] -> logits [B, T, V] (flattened to one matmul, as layers.Dense is)."""
+        return self.embed.attend(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (self.config.vocab_size,))
 
     def __call__(self, x, mask, positions, cache=None, cache_index=0):
         """x [B, T, E] input embeddings; mask bool[B, T, S]; positions int32[B, T].

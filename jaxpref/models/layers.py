@@ -7,6 +7,7 @@ that maps them onto the mesh). Weight names: `embed`, `mlp`, `heads`, `kv_heads`
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -43,16 +44,52 @@ def logical(init: Callable, *names: str | None):
     return nn.with_logical_partitioning(init, names)
 
 
+class Dense(nn.Module):
+    """A linear layer over the last `len(axis)` input dims: nn.DenseGeneral's parameters (`kernel`
+    [*in, *features], `bias` [*features]) and result, computed as one 2-D matmul [N, in] @ [in, out].
+
+    Why not nn.DenseGeneral: on XLA:CPU the backward pass of its dot_general over [B, T, ...] (the
+    kernel's gradient contracts two dims, B and T) transposes the larger operand inside an elementwise
+    loop fusion; flattened, both passes are plain matmuls and a `small` training step takes less than
+    half the time (docs/BENCHMARKS.md). Merging B with T and heads with head_dim keeps every
+    sharding (the merged dims' major one carries it), so the mesh sees the same layer.
+    """
+
+    features: int | tuple[int, ...]
+    axis: int | tuple[int, ...] = -1  # the contracted input dims: the last len(axis) ones
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32  # compute dtype
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
+        axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+        if sorted(a % x.ndim for a in axes) != list(range(x.ndim - n_in, x.ndim)):
+            raise ValueError(f"Dense contracts the last dims of its input; got axis={self.axis} for shape {x.shape}")
+        lead, inner = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+        kernel = self.param("kernel", self.kernel_init, inner + features, self.param_dtype)
+        fan_in, fan_out = math.prod(inner), math.prod(features)
+        y = jnp.asarray(x, self.dtype).reshape(-1, fan_in) @ jnp.asarray(kernel, self.dtype).reshape(fan_in, fan_out)
+        y = y.reshape(lead + features)
+        if self.use_bias:
+            y = y + jnp.asarray(self.param("bias", self.bias_init, features, self.param_dtype), self.dtype)
+        return y
+
+
 def dense(features, axes: tuple[str | None, ...], *, axis=-1, use_bias=False, bias_axes=None, dtype, name,
           init_std=0.02):
-    """nn.DenseGeneral whose kernel (and bias) carry logical axis names."""
+    """A Dense layer whose kernel (and bias) carry logical axis names."""
     kernel_init = logical(nn.initializers.normal(init_std), *axes)
     kw = {}
     if use_bias:
         nb = len(features) if isinstance(features, tuple) else 1
         kw["bias_init"] = logical(nn.initializers.zeros_init(), *(bias_axes or axes[-nb:]))
-    return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
-                           kernel_init=kernel_init, name=name, **kw)
+    return Dense(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+                 kernel_init=kernel_init, name=name, **kw)
 
 
 class RMSNorm(nn.Module):
