@@ -225,3 +225,31 @@ def test_scalar_head_shares_the_backbone(checkpoints, tmp_path):
     save_pretrained(rm, rm_params, str(tmp_path / "rm"))
     _, back = load_pretrained(str(tmp_path / "rm"), head="scalar")
     np.testing.assert_array_equal(back["score"]["kernel"], rm_params["score"]["kernel"])
+
+
+@pytest.mark.parametrize("features,axis,bias", [(24, -1, False), ((3, 8), -1, True), (16, (-2, -1), True)])
+def test_dense_equals_flax_dense_general(features, axis, bias):
+    """layers.Dense (one flattened matmul) keeps nn.DenseGeneral's parameters, values and gradients."""
+    import flax.linen as nn
+
+    from jaxpref.models.layers import Dense
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4, 6) if axis == (-2, -1) else (2, 5, 12))
+    kw = dict(features=features, axis=axis, use_bias=bias, kernel_init=nn.initializers.normal(0.5),
+              bias_init=nn.initializers.normal(0.5))
+    ours, theirs = Dense(**kw), nn.DenseGeneral(**kw)
+    params = ours.init(jax.random.key(0), x)
+    ref_params = theirs.init(jax.random.key(0), x)
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref_params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    ours_grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    ref_grads = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last dims"):
+        Dense(features=3, axis=0).init(jax.random.key(0), x)
