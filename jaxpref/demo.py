@@ -12,7 +12,9 @@ Stages (STAGES, in order), each a call into the code its own command runs:
   data     the shapes datasets (jaxpref.data.shapes.generate_split) -> DIR/data/{short,sft,preference,prompt}
   tower    a vision tower pretrained on the scenes (jaxpref.train.tower)   -> DIR/runs/tower
   pretrain configs/shapes/pretrain.yaml (SFT on short questions), from DIR/runs/tower -> DIR/runs/pretrain
-  sft      configs/shapes/sft.yaml + the plan, from DIR/runs/pretrain -> DIR/runs/sft
+  pretrain2  the same config again from DIR/runs/pretrain: a second cosine from the peak rate, a fresh
+           AdamW state and another data order (plan: pretrain2.seed) -> DIR/runs/pretrain2
+  sft      configs/shapes/sft.yaml + the plan, from DIR/runs/pretrain2 -> DIR/runs/sft
   comparisons  SFT's own answers to the train prompts, judged with label noise and paired
            (jaxpref.comparisons.collect)                            -> DIR/data/comparisons
   reward   configs/shapes/reward.yaml, from DIR/runs/sft on data/comparisons -> DIR/runs/reward
@@ -88,6 +90,9 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
+        # a second cosine (docs/TRAINING.md "What is left: the backbone's reads"): the decoder reads the
+        # image better after it than after 1 800 steps on one
+        "pretrain2": {"max_steps": 600, "eval_steps": 300, "save_steps": 100, "seed": 43},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
                         "seed": 1000, "dpo_rounds": 5, "round_pairs": "all", "round_steps": 60,
@@ -104,6 +109,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
+        "pretrain2": {"max_steps": 25, "eval_steps": 25, "save_steps": 25, "seed": 43},
         "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
                         "seed": 1000, "dpo_rounds": 1, "round_pairs": "all", "round_steps": 20,
@@ -120,7 +126,7 @@ DATA_KINDS = ("short", "sft", "preference", "prompt")
 DATA_SETTINGS = {"short": ("short_rows",), "sft": ("sft_rows", "sft_short_fraction"),
                  "preference": ("preference_rows", "label_noise", "corrected_fraction"), "prompt": ("prompt_rows",)}
 METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
-READ_MODELS = ("pretrain", "sft") + METHODS  # the models whose reads the eval stage measures
+READ_MODELS = ("pretrain", "pretrain2", "sft") + METHODS  # the models whose reads the eval stage measures
 DATA_STAGES = ("comparisons",)  # datasets made by a stage of their own (DIR/data/<name>), after the data stage
 NUM_EXAMPLES = 8  # held-out prompts in the example grid
 
@@ -167,9 +173,9 @@ class Stage:
 
 
 def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, reward_model: str | None = None,
-                   name: str | None = None, extra: dict | None = None):
+                   name: str | None = None, extra: dict | None = None, yaml: str | None = None):
     """The config of trainer stage `name` (default: `kind`), which runs trainer `kind` (sft, reward, dpo,
-    ppo): configs/shapes/<name>.yaml through jaxpref.config.load_config with overrides
+    ppo): configs/shapes/<yaml or name>.yaml through jaxpref.config.load_config with overrides
     output_dir=DIR/runs/<name>, data.dataset_name=DIR/data/<data>, model.name_or_path=DIR/runs/<start>
     (when given), reward_model_path=DIR/runs/<reward_model> (when given), resume_from_checkpoint=true,
     then the plan's entries for the stage, then `extra` (paths given as they are)."""
@@ -184,7 +190,7 @@ def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, r
         overrides["reward_model_path"] = demo.path("runs", reward_model)
     overrides.update(demo.plan.get(name, {}))
     overrides.update(extra or {})
-    return load_config(kind, os.path.join(demo.configs, f"{name}.yaml"),
+    return load_config(kind, os.path.join(demo.configs, f"{yaml or name}.yaml"),
                        [f"{k}={_override_text(v)}" for k, v in overrides.items()])
 
 
@@ -200,11 +206,11 @@ def _override_text(value) -> str:
 
 def trainer(kind: str, data: str, start: str | None = None, reward_model: str | None = None,
             name: str | None = None, config: Callable[[Demo], Any] | None = None,
-            needs: tuple[str, ...] = ()) -> Stage:
-    """A stage `name` (default: `kind`) running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...),
-    or on `config(demo)` when given (reading the stages `needs` too)."""
+            needs: tuple[str, ...] = (), yaml: str | None = None) -> Stage:
+    """A stage `name` (default: `kind`) running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...)
+    (configs/shapes/<yaml or name>.yaml), or on `config(demo)` when given (reading the stages `needs` too)."""
     name = name or kind
-    config = config or (lambda demo: trainer_config(kind, demo, data, start, reward_model, name))
+    config = config or (lambda demo: trainer_config(kind, demo, data, start, reward_model, name, yaml=yaml))
 
     def run(demo: Demo):
         from jaxpref.train import RUNNERS
@@ -608,15 +614,16 @@ STAGES: list[Stage] = [
     Stage("data", stage_data, _describe_data, outputs=tuple(f"data/{kind}" for kind in DATA_KINDS)),
     Stage("tower", stage_tower, _describe_tower, outputs=(os.path.join("runs", "tower"),), results=("tower",)),
     trainer("sft", name="pretrain", data="short", start="tower"),
-    trainer("sft", data="sft", start="pretrain"),
+    trainer("sft", name="pretrain2", data="short", start="pretrain", yaml="pretrain"),
+    trainer("sft", data="sft", start="pretrain2"),
     Stage("comparisons", stage_comparisons, _describe_comparisons, needs=("sft", "data/sft", "data/prompt",
                                                                           "data/preference"),
           outputs=("data/comparisons",), results=("comparisons",), plan_entries=_comparisons_plan),
     trainer("reward", data="comparisons", start="sft"),
     dpo_rounds_stage(),
     ppo_rounds_stage(),
-    Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "pretrain", "sft",
-                                                     "reward") + METHODS, outputs=("eval",),
+    Stage("eval", stage_eval, _describe_eval, needs=("data/sft", "data/preference", "data/prompt", "pretrain",
+                                                     "pretrain2", "sft", "reward") + METHODS, outputs=("eval",),
           results=("reward_model", "sft", "best_of_n", "reads") + METHODS),
     Stage("report", stage_report, lambda demo: f"{demo.path('report.md')}, {demo.path('img')}/, "
                                                f"{demo.path('examples.html')}"),
@@ -1156,7 +1163,9 @@ def write_report(out: str) -> str:
             "tower": f"{plan['tower']['steps']} steps x {plan['tower']['batch_size']} scenes, vision tower of "
                      f"`{plan['tower']['preset']}` -> `runs/tower`",
             "pretrain": f"{steps['pretrain']} steps of short questions from `runs/tower` -> `runs/pretrain`",
-            "sft": f"{steps['sft']} steps from `{model or 'runs/pretrain'}` -> `runs/sft`",
+            "pretrain2": f"{steps['pretrain2']} more on a second cosine (a fresh AdamW state, data order seed "
+                         f"{plan['pretrain2'].get('seed')}) from `runs/pretrain` -> `runs/pretrain2`",
+            "sft": f"{steps['sft']} steps from `{model or 'runs/pretrain2'}` -> `runs/sft`",
             "comparisons": _comparisons_what(summary, plan),
             "reward": f"{steps['reward']} steps from `runs/sft` on `data/comparisons` -> `runs/reward`",
             "dpo": (f"{steps['dpo']} steps from `runs/sft` on `data/comparisons` -> `runs/dpo`" if rounds == 1 else
@@ -1435,7 +1444,8 @@ def _paragraph(summary: dict, steps: dict, model: str | None, ppo_reward: str = 
         start = (f"the `{summary['plan']['tower']['preset']}` VLM with a vision tower pretrained on the task's scenes "
                  f"(held-out accuracy of the shape in each column: kind {_f(acc.get('kind'))}, color "
                  f"{_f(acc.get('color'))}, size {_f(acc.get('size'))}{look}) and frozen from then on, and a decoder "
-                 f"pretrained on short questions about the scenes ({steps['pretrain']} steps),")
+                 f"pretrained on short questions about the scenes ({steps['pretrain']} steps, then "
+                 f"{steps['pretrain2']} on a second cosine),")
     else:
         start = f"the `{model}` preset from random initialisation" if not os.path.isdir(model) else f"`{model}`"
     verdicts = []

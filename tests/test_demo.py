@@ -26,7 +26,8 @@ TINY = {
     "data.short_rows": 16,
     "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
     "tower.preset": "tiny", "tower.steps": 3, "tower.batch_size": 4,
-    "pretrain.max_steps": 2, "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
+    "pretrain.max_steps": 2, "pretrain2.max_steps": 2,
+    "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
     "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.best_of": 2,
@@ -36,7 +37,7 @@ TINY = {
     "comparisons.round_pairs": "best-rest", "comparisons.round_steps": 1,
     "comparisons.ppo_rounds": 1, "comparisons.ppo_round_steps": 1,
 }
-for _stage in ("pretrain", "sft", "reward", "dpo", "ppo"):
+for _stage in ("pretrain", "pretrain2", "sft", "reward", "dpo", "ppo"):
     TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
                  f"{_stage}.per_device_eval_batch_size": 8, f"{_stage}.data.length_buckets": 80})
     TINY.setdefault(f"{_stage}.eval_steps", TINY[f"{_stage}.max_steps"])
@@ -55,16 +56,17 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     r = run_jaxpref("demo", "--quick", "--out", str(out), *_set_args(SETS))
     first = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-4000:]
-    assert f"[3/10] pretrain: 2 steps from {out}/runs/tower on {out}/data/short" in r.stdout
-    assert f"[4/10] sft: 3 steps from {out}/runs/pretrain" in r.stdout and "[8/10] ppo: 2 iterations" in r.stdout
-    assert f"[5/10] comparisons: 2 answers of {out}/runs/sft to every train prompt of {out}/data/prompt" in r.stdout
-    assert f"[6/10] reward: 3 steps from {out}/runs/sft on {out}/data/comparisons" in r.stdout
+    assert f"[3/11] pretrain: 2 steps from {out}/runs/tower on {out}/data/short" in r.stdout
+    assert f"[4/11] pretrain2: 2 steps from {out}/runs/pretrain on {out}/data/short" in r.stdout
+    assert f"[5/11] sft: 3 steps from {out}/runs/pretrain2" in r.stdout and "[9/11] ppo: 2 iterations" in r.stdout
+    assert f"[6/11] comparisons: 2 answers of {out}/runs/sft to every train prompt of {out}/data/prompt" in r.stdout
+    assert f"[7/11] reward: 3 steps from {out}/runs/sft on {out}/data/comparisons" in r.stdout
     assert f"report: {out}/report.md" in r.stdout
 
     s = json.loads((out / "summary.json").read_text())
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
-    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "sft", "comparisons",
-                                                               "reward", "dpo", "ppo", "eval", "report"]
+    assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "pretrain2", "sft",
+                                                               "comparisons", "reward", "dpo", "ppo", "eval", "report"]
     assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy", "lookup_accuracy", "patch_accuracy"]
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
@@ -162,7 +164,8 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     for q, row in judges.items():
         assert f"| {q} | {row['prompts']} | {np.mean(row['sft']):.3f} |" in report
     # each model's reads: greedy answers to the same 8 held-out short questions, stored and in the report
-    assert list(s["reads"]) == ["pretrain", "sft", "dpo", "ppo"] and "### What the models read off the image" in report
+    assert list(s["reads"]) == ["pretrain", "pretrain2", "sft", "dpo", "ppo"]
+    assert "### What the models read off the image" in report
     for name, r in s["reads"].items():
         answers = [json.loads(line) for line in open(out / "eval" / "reads" / name / "reads.jsonl")]
         assert r["num_questions"] == len(answers) == sum(k["num"] for k in r["by_kind"].values()) == 8
@@ -230,11 +233,12 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     printed = capsys.readouterr().out
     ran = [st.name for st in STAGES if "reused_from" not in r["stages"][st.name]]
     assert ran == ["data", "comparisons", "reward", "dpo", "ppo", "eval", "report"]
-    assert printed.count(f"reused from {out} (finished there in") == 3
-    assert f"[1/10] data: reused from {out}: data/short, data/sft, data/prompt\n[1/10] data: train rows preference 32; " \
+    assert printed.count(f"reused from {out} (finished there in") == 4
+    assert f"[1/11] data: reused from {out}: data/short, data/sft, data/prompt\n[1/11] data: train rows " \
+           f"preference 32; " \
            f"8 eval rows each" in printed
     assert r["reused"] == {"from": str(out), "parts": ["data/short", "data/sft", "data/prompt", "tower", "pretrain",
-                                                       "sft"]}
+                                                       "pretrain2", "sft"]}
     for name in ("tower", "sft"):
         assert r["stages"][name] == {"seconds": s["stages"][name]["seconds"], "reused_from": str(out)}
         assert (new / "runs" / name / "model.safetensors").read_bytes() == \
@@ -290,23 +294,23 @@ def test_until_stops_after_the_stage_and_a_rerun_without_it_goes_on(tmp_path, ca
     from jaxpref.cli import main
 
     out = tmp_path / "demo"
-    with pytest.raises(DemoError, match="--until sfft: not a stage; the stages: data, tower, pretrain, sft"):
+    with pytest.raises(DemoError, match="--until sfft: not a stage; the stages: data, tower, pretrain, pretrain2, sft"):
         run_demo(str(out), quick=True, sets=SETS, until="sfft")
     assert not out.exists()
     assert main(["demo", "--quick", "--out", str(out), "--until", "data", *_set_args(SETS)]) == 0
     printed = capsys.readouterr().out
-    assert "[1/10] data:" in printed and "[2/10]" not in printed
+    assert "[1/11] data:" in printed and "[2/11]" not in printed
     assert "stopped after data (--until); the same command without --until goes on from tower" in printed
     s = json.loads((out / "summary.json").read_text())
     assert list(s["stages"]) == ["data"] and (out / "data" / "short").is_dir() and not (out / "runs").exists()
 
     # a DIR whose summary records the stages up to sft: nothing runs up to sft, and nothing after it
     demo = Demo(out=str(out), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
-    done = {name: {"seconds": 1.0} for name in ("data", "tower", "pretrain", "sft")}
+    done = {name: {"seconds": 1.0} for name in ("data", "tower", "pretrain", "pretrain2", "sft")}
     write_summary(str(out), {**s, "configs": config_fingerprints(demo), "stages": done})
     assert run_demo(str(out), quick=True, sets=SETS, until="sft")["stages"] == done
     printed = capsys.readouterr().out
-    assert printed.count("finished in an earlier run") == 4 and "[5/10]" not in printed
+    assert printed.count("finished in an earlier run") == 5 and "[6/11]" not in printed
     assert "goes on from comparisons" in printed
 
 
@@ -322,25 +326,31 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     kinds = ["data/short", "data/sft", "data/preference", "data/prompt"]
     everything = kinds + [st.name for st in STAGES if st.name != "report"]  # the report is always rewritten
     assert reusable([]) == everything
-    assert reusable(["ppo.kl_coef=0.1"]) == kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward", "dpo"]
-    assert reusable(["reward.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "sft", "comparisons", "dpo"]
+    upto_sft = ["data", "tower", "pretrain", "pretrain2", "sft"]
+    assert reusable(["ppo.kl_coef=0.1"]) == kinds + upto_sft + ["comparisons", "reward", "dpo"]
+    assert reusable(["reward.max_steps=5"]) == kinds + upto_sft + ["comparisons", "dpo"]
     # new comparisons: everything trained on them, and PPO against their reward model, run again
-    assert reusable(["comparisons.n=3"]) == kinds + ["data", "tower", "pretrain", "sft"]
+    assert reusable(["comparisons.n=3"]) == kinds + upto_sft
     # DPO's round settings, kept in the comparisons section, are DPO's, and PPO reads DPO (its final
     # policy is PPO's reward model with ppo.reward_model_type=implicit), so both run again
-    more_rounds = kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward"]
+    more_rounds = kinds + upto_sft + ["comparisons", "reward"]
     assert reusable(["comparisons.dpo_rounds=3"]) == reusable(["comparisons.round_steps=7"]) == more_rounds
     assert reusable(["comparisons.round_pairs=all"]) == more_rounds
     # PPO's round settings are PPO's alone
     assert reusable(["comparisons.ppo_rounds=2"]) == reusable(["comparisons.ppo_round_steps=3"]) == \
-        kinds + ["data", "tower", "pretrain", "sft", "comparisons", "reward", "dpo"]
-    assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain"]
+        kinds + upto_sft + ["comparisons", "reward", "dpo"]
+    assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "pretrain2"]
+    # the second cosine reads the first; SFT and everything after read it
+    assert reusable(["pretrain2.max_steps=5"]) == reusable(["pretrain2.seed=7"]) == kinds + ["data", "tower",
+                                                                                           "pretrain"]
     assert reusable(["tower.steps=5"]) == kinds + ["data"]
     assert reusable(["data.eval_rows=4"]) == ["tower"]  # every dataset has an eval split
-    assert reusable(["data.label_noise=0.2"]) == ["data/short", "data/sft", "data/prompt", "tower", "pretrain", "sft"]
-    assert reusable(["data.sft_rows=64"]) == ["data/short", "data/preference", "data/prompt", "tower", "pretrain"]
+    assert reusable(["data.label_noise=0.2"]) == ["data/short", "data/sft", "data/prompt", "tower", "pretrain",
+                                                  "pretrain2", "sft"]
+    assert reusable(["data.sft_rows=64"]) == ["data/short", "data/preference", "data/prompt", "tower", "pretrain",
+                                             "pretrain2"]
     assert reusable(["eval.num=4"]) == reusable(["eval.best_of=3"]) == everything[:-1]
-    assert reusable(["eval.max_new_tokens=16"]) == kinds + ["data", "tower", "pretrain", "sft"]  # answers' length
+    assert reusable(["eval.max_new_tokens=16"]) == kinds + upto_sft  # answers' length
     del source["stages"]["pretrain"]  # not finished there: nothing after it either
     assert reusable([]) == kinds + ["data", "tower"]
 
@@ -401,14 +411,20 @@ def test_plan_settings_and_trainer_configs():
     with pytest.raises(DemoError, match="set ppo.max_steps rather than ppo.total_episodes"):
         config_fingerprints(dataclasses.replace(scalar, plan=make_plan(False, ["ppo.max_steps=0",
                                                                                "ppo.total_episodes=640"])))
-    sft = trainer_config("sft", demo, "sft", start="pretrain")
-    assert sft.model.name_or_path == "DIR/runs/pretrain" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
+    sft = next(st for st in STAGES if st.name == "sft").config(demo)
+    assert sft.model.name_or_path == "DIR/runs/pretrain2" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
     assert sft.model.freeze_vision  # configs/shapes/sft.yaml: the pretrained tower stays as it is
     pre = trainer_config("sft", demo, "short", start="tower", name="pretrain")  # configs/shapes/pretrain.yaml
     assert (pre.output_dir, pre.data.dataset_name, pre.max_steps, pre.per_device_train_batch_size) == (
         "DIR/runs/pretrain", "DIR/data/short", PLANS["full"]["pretrain"]["max_steps"], 32)
     assert pre.model.freeze_vision and [s.name for s in STAGES if s.config is not None] == [
-        "pretrain", "sft", "reward", "dpo", "ppo"]
+        "pretrain", "pretrain2", "sft", "reward", "dpo", "ppo"]
+    # the second cosine: configs/shapes/pretrain.yaml again, from the first, with its own steps and data order
+    pre2 = next(st for st in STAGES if st.name == "pretrain2").config(demo)
+    assert (pre2.output_dir, pre2.model.name_or_path, pre2.data.dataset_name, pre2.max_steps, pre2.seed) == (
+        "DIR/runs/pretrain2", "DIR/runs/pretrain", "DIR/data/short", 600, 43)
+    assert (pre2.learning_rate, pre2.lr_scheduler_type, pre2.warmup_steps) == (
+        pre.learning_rate, pre.lr_scheduler_type, pre.warmup_steps) and pre2.model.freeze_vision
 
 
 def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_plan_made_it(tmp_path):
