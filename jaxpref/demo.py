@@ -1,7 +1,7 @@
 """`jaxpref demo`: the whole pipeline on the built-in shapes task, stage by stage, ending in a report.
 
     jaxpref demo                                   # the full plan (~1 h 35 min on a 2-core CPU) -> runs/demo
-    jaxpref demo --quick --out runs/demo-quick     # the quick plan (~13 min)
+    jaxpref demo --quick --out runs/demo-quick     # the quick plan (~8 min)
     jaxpref demo --quick --set sft.max_steps=50 --set eval.num=32     # change the plan: STAGE.KEY=VALUE
 
     from jaxpref.demo import run_demo
@@ -77,8 +77,8 @@ import numpy as np
 
 # On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~1 h 35 min (session 28's runs/s28/main,
 # the tower and pretraining beside test runs: tower 18 min, pretrain 19, pretrain2 10, SFT 8, comparisons 1,
-# reward 2, DPO's rounds 13, PPO and its rounds 18, eval 4), quick ~13 min (12.7 alone in session 26, before
-# the 2x faster training step; 3.6 of it PPO with its one round).
+# reward 2, DPO's rounds 13, PPO and its rounds 18, eval 4), quick ~8 min (8.3 alone in session 28; 12.7 in session 26, before
+# the 2x faster training step; 2.2 of it PPO with its one round).
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row), best-of-n's largest n (0: none) and
 # the held-out short questions each model answers (`reads`, jaxpref.eval.short_answer_reads; 0: none).
@@ -1490,7 +1490,7 @@ def add_demo_parser(subparsers):
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the quick plan (~13 min on a 2-core CPU) instead of the full one (~1 h 35 min)")
+                   help="the quick plan (~8 min on a 2-core CPU) instead of the full one (~1 h 35 min)")
     p.add_argument("--out", default="runs/demo",
                    help="output directory; re-running with it resumes (default: runs/demo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
