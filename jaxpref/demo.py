@@ -77,8 +77,8 @@ import numpy as np
 
 # On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~1 h 35 min (session 28's runs/s28/main,
 # the tower and pretraining beside test runs: tower 18 min, pretrain 19, pretrain2 10, SFT 8, comparisons 1,
-# reward 2, DPO's rounds 13, PPO and its rounds 18, eval 4), quick ~8 min (8.3 alone in session 28; 12.7 in session 26, before
-# the 2x faster training step; 2.2 of it PPO with its one round).
+# reward 2, DPO's rounds 13, PPO and its rounds 18, eval 4), quick ~8 min (8.3 alone in session 28, 2.2 of it
+# PPO with its one round; 12.7 in session 26, before the 2x faster training step).
 # `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
 # of that trainer's config); `eval`: held-out prompts (0: every eval row), best-of-n's largest n (0: none) and
 # the held-out short questions each model answers (`reads`, jaxpref.eval.short_answer_reads; 0: none).
