@@ -6,8 +6,9 @@ jaxpref.models.layers.Dense computes every linear layer (and decoder.attend the 
 2-D matmul over the flattened leading dims. Flax's nn.DenseGeneral contracts [B, T, ...] directly; on
 XLA:CPU the kernel's gradient then contracts two dims (B and T), and the compiled backward pass
 transposes the larger operand inside an elementwise loop fusion. Both variants have the same
-parameters, initialised identically, and give the same logits: the baseline is built here by swapping
-nn.DenseGeneral back into `layers.dense` (and an unflattened `attend`) for the comparison alone.
+parameters, initialised identically, and give the same logits: the baseline is built here by pointing
+`layers.Dense` (the class `layers.dense` builds) at nn.DenseGeneral, which takes the same arguments, and
+`Decoder.attend` at an unflattened one, for the comparison alone.
 
 Cases (synthetic batches of the demo's shapes; one image per row, 64 image tokens):
   pretrain  SFT loss, tower frozen, 32 rows: prompt 96 + completion 16 tokens (configs/shapes/pretrain.yaml)
@@ -32,33 +33,21 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jaxpref.models import VLM, get_preset  # noqa: E402
-from jaxpref.models import decoder, layers, vision, vlm  # noqa: E402
+from jaxpref.models import decoder, layers  # noqa: E402
 from jaxpref.objectives.sft import sft_loss  # noqa: E402
 from jaxpref.sharding import init_sharded, make_mesh  # noqa: E402
 
 CASES = {"pretrain": (32, 96, 16), "sft": (16, 80, 64), "tower": (64, 0, 0)}
 
 
-def dense_general(features, axes, *, axis=-1, use_bias=False, bias_axes=None, dtype, name, init_std=0.02):
-    """layers.dense as it was: flax's nn.DenseGeneral, the same parameters and initialisers."""
-    kw = {}
-    if use_bias:
-        nb = len(features) if isinstance(features, tuple) else 1
-        kw["bias_init"] = layers.logical(nn.initializers.zeros_init(), *(bias_axes or axes[-nb:]))
-    return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
-                           kernel_init=layers.logical(nn.initializers.normal(init_std), *axes), name=name, **kw)
+FLAT_DENSE, FLAT_ATTEND = layers.Dense, decoder.Decoder.attend
 
 
 def use_variant(name: str):
-    """Points every module at the flattened Dense ("Dense") or at nn.DenseGeneral ("DenseGeneral")."""
+    """Points `layers.dense` at the flattened Dense ("Dense") or at nn.DenseGeneral ("DenseGeneral")."""
     flat = name == "Dense"
-    fn = layers.dense if flat else dense_general
-    for module in (decoder, vision, vlm):
-        module.dense = fn
-    decoder.Decoder.attend = (FLAT_ATTEND if flat else lambda self, x: self.embed.attend(x))
-
-
-FLAT_ATTEND = decoder.Decoder.attend
+    layers.Dense = FLAT_DENSE if flat else nn.DenseGeneral
+    decoder.Decoder.attend = FLAT_ATTEND if flat else (lambda self, x: self.embed.attend(x))
 
 
 def batch(cfg, rows: int, prompt: int, completion: int):

@@ -66,8 +66,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         features = self.features if isinstance(self.features, tuple) else (self.features,)
-        n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
         axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+        n_in = len(axes)
         if sorted(a % x.ndim for a in axes) != list(range(x.ndim - n_in, x.ndim)):
             raise ValueError(f"Dense contracts the last dims of its input; got axis={self.axis} for shape {x.shape}")
         lead, inner = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
