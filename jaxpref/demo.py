@@ -86,7 +86,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
                  "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
-                 "corrected_fraction": 0.5, "seed": 0},
+                 "corrected_fraction": 0.5, "sft_grounded_fraction": 0.5, "seed": 0},
         "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
@@ -105,7 +105,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
                  "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
-                 "corrected_fraction": 0.5, "seed": 0},
+                 "corrected_fraction": 0.5, "sft_grounded_fraction": 0.5, "seed": 0},
         "tower": {"preset": "small", "steps": 150, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
@@ -123,7 +123,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
 
 DATA_KINDS = ("short", "sft", "preference", "prompt")
 # the `data` plan entries each dataset kind depends on (every other entry: all of them)
-DATA_SETTINGS = {"short": ("short_rows",), "sft": ("sft_rows", "sft_short_fraction"),
+DATA_SETTINGS = {"short": ("short_rows",), "sft": ("sft_rows", "sft_short_fraction", "sft_grounded_fraction"),
                  "preference": ("preference_rows", "label_noise", "corrected_fraction"), "prompt": ("prompt_rows",)}
 METHODS = ("dpo", "ppo")  # the policies the eval stage compares with SFT
 READ_MODELS = ("pretrain", "pretrain2", "sft") + METHODS  # the models whose reads the eval stage measures
@@ -443,7 +443,7 @@ def stage_data(demo: Demo):
     splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in _kinds_to_write(demo)}
     write_shapes(demo.path("data"), splits, seed=p["seed"], image_size=p["image_size"], label_noise=p["label_noise"],
                  num_shards=4, command="jaxpref demo", sft_short_fraction=p["sft_short_fraction"],
-                 corrected_fraction=p["corrected_fraction"])
+                 corrected_fraction=p["corrected_fraction"], sft_grounded_fraction=p["sft_grounded_fraction"])
 
 
 def _kinds_to_write(demo: Demo) -> list[str]:

@@ -347,8 +347,8 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     assert reusable(["data.eval_rows=4"]) == ["tower"]  # every dataset has an eval split
     assert reusable(["data.label_noise=0.2"]) == ["data/short", "data/sft", "data/prompt", "tower", "pretrain",
                                                   "pretrain2", "sft"]
-    assert reusable(["data.sft_rows=64"]) == ["data/short", "data/preference", "data/prompt", "tower", "pretrain",
-                                             "pretrain2"]
+    assert reusable(["data.sft_rows=64"]) == reusable(["data.sft_grounded_fraction=0.0"]) == \
+        ["data/short", "data/preference", "data/prompt", "tower", "pretrain", "pretrain2"]
     assert reusable(["eval.num=4"]) == reusable(["eval.best_of=3"]) == everything[:-1]
     assert reusable(["eval.max_new_tokens=16"]) == kinds + upto_sft  # answers' length
     del source["stages"]["pretrain"]  # not finished there: nothing after it either

@@ -309,6 +309,34 @@ def test_corrected_pairs_replace_that_fraction_of_pairs_and_leave_the_others_alo
         next(generate_split("sft", 1, 0, corrected_fraction=0.5))
 
 
+def test_grounded_answers_list_the_scene_in_that_fraction_of_good_color_and_locate_answers():
+    n, fraction = 800, 0.6
+    mixed = list(generate_split("sft", n, seed=9, image_size=16, grounded_fraction=fraction, short_fraction=0.2))
+    plain = list(generate_split("sft", n, seed=9, image_size=16, short_fraction=0.2))
+    assert [(r["scene"], r["prompt"]) for r in mixed] == [(r["scene"], r["prompt"]) for r in plain]
+    changed = [(a, b) for a, b in zip(mixed, plain) if a != b]
+    asked = [b for b in plain if not b["prompt"].startswith(SHORT_LEAD)
+             and parse_prompt(Scene.from_json(b["scene"]), b["prompt"]).question in ("color", "locate")
+             and judge(b["scene"], b["prompt"], b["completion"]) >= 0.95]  # good-tier answers (and a few others)
+    assert 0.25 * len(asked) < len(changed) <= len(asked)  # good is one tier in four; 0.6 of those
+    assert abs(len(changed) / len(asked) - fraction) < 0.2, (len(changed), len(asked))
+    for grounded, good in changed:
+        scene = Scene.from_json(grounded["scene"])
+        prompt = parse_prompt(scene, grounded["prompt"])
+        assert prompt.question in ("color", "locate") and not grounded["prompt"].startswith(SHORT_LEAD)
+        assert judge(scene, prompt, good["completion"]) >= 0.95, good  # it replaced a good answer
+        claims = parse_claims(grounded["completion"])  # every shape, with its kind, color and column
+        assert sorted((m.kind, m.color, tuple(m.positions)) for m in claims.mentions if m.kind in KINDS) == \
+            sorted((s.kind, s.color, (s.position,)) for s in scene.shapes), grounded["completion"]
+        assert judge(scene, prompt, grounded["completion"]) >= (1.0 if len(scene.shapes) == 1 else 0.8)
+    assert list(generate_split("sft", 50, seed=9, image_size=16, split="eval", grounded_fraction=0.0)) == \
+        list(generate_split("sft", 50, seed=9, image_size=16, split="eval"))
+    with pytest.raises(ValueError, match="grounded_fraction"):
+        next(generate_split("preference", 1, 0, grounded_fraction=0.5))
+    with pytest.raises(ValueError, match="grounded_fraction"):
+        next(generate_split("sft", 1, 0, grounded_fraction=1.5))
+
+
 SHORT_KINDS_SEEN = {"what color", "which shape", "is the", "what", "where", "how", "what shapes"}  # SHORT_TEMPLATES
 
 

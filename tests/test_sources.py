@@ -238,7 +238,7 @@ def test_shapes_cli_writes_trl_datasets_and_a_card(tmp_path, fmt):
     out = tmp_path / "shapes"
     assert main(["data", "shapes", "--out", str(out), "--num-train", "12", "--num-eval", "3", "--num-shards", "4",
                  "--format", fmt, "--label-noise", "0.2", "--sft-short-fraction", "0.5", "--corrected-fraction", "0.25",
-                 "--seed", "5"]) == 0
+                 "--sft-grounded-fraction", "0.75", "--seed", "5"]) == 0
     columns = {"preference": {"images", "prompt", "chosen", "rejected", "scene"},
                "prompt": {"images", "prompt", "scene"}, "sft": {"images", "prompt", "completion", "scene"},
                "short": {"images", "prompt", "completion", "scene"}}
@@ -248,16 +248,19 @@ def test_shapes_cli_writes_trl_datasets_and_a_card(tmp_path, fmt):
             assert len(src.shards) == shards and sum(src.num_rows(s) for s in range(shards)) == n
             short = 0.5 if (kind, split) == ("sft", "train") else 0.0  # the eval split asks the task only
             corrected = 0.25 if (kind, split) == ("preference", "train") else 0.0
+            grounded = 0.75 if (kind, split) == ("sft", "train") else 0.0
             want = list(generate_split(kind, n, 5, image_size=64, label_noise=0.2, split=split, short_fraction=short,
-                                       corrected_fraction=corrected))
+                                       corrected_fraction=corrected, grounded_fraction=grounded))
             got = [src.read(j % shards, j // shards) for j in range(n)]  # round-robin
             for j, (it, ref) in enumerate(zip(got, want)):
                 _, row = next(it)
                 assert set(row) == cols and drop_none(row) == drop_none(ref), (kind, split, j)
     card = (out / "README.md").read_text()
-    assert "--label-noise 0.2 --sft-short-fraction 0.5 --corrected-fraction 0.25 --seed 5" in card
+    assert ("--label-noise 0.2 --sft-short-fraction 0.5 --corrected-fraction 0.25 --sft-grounded-fraction 0.75 "
+            "--seed 5") in card
     assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--sft-short-fraction", "1.5"]) == 2
     assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--corrected-fraction", "-0.1"]) == 2
+    assert main(["data", "shapes", "--out", str(tmp_path / "bad"), "--sft-grounded-fraction", "2"]) == 2
     assert not (tmp_path / "bad").exists() and "| `preference/` |" in card and "| 12 | 3 |" in card
     assert "| `short/` |" in card
     if fmt == "parquet":  # the card's YAML configs make the directory loadable by name

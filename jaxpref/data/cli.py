@@ -2,7 +2,8 @@
 
     jaxpref data shapes --out DIR [--num-train N] [--num-eval N] [--num-shards K]
                         [--format parquet|array_record] [--image-size 64] [--label-noise 0.1]
-                        [--sft-short-fraction 0.3] [--corrected-fraction 0.5] [--seed 0]
+                        [--sft-short-fraction 0.3] [--corrected-fraction 0.5]
+                        [--sft-grounded-fraction 0.5] [--seed 0]
     jaxpref data inspect PATH [--split S] [--rows 3] [--save-images DIR]
 """
 
@@ -18,6 +19,7 @@ import sys
 KINDS = ("preference", "prompt", "sft", "short")
 SHORT_FRACTION = 0.3  # of the sft train rows: short_question rows (see jaxpref.data.shapes)
 CORRECTED_FRACTION = 0.5  # of the preference train pairs: corrections (jaxpref.data.shapes.corrected_pair)
+GROUNDED_FRACTION = 0.5  # of the sft train rows' good answers to color/locate questions: scene listings
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,6 +45,11 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                    help="fraction of the preference train pairs that are corrections: the good answer over "
                         "the same words with the asked fact wrong ('It is red.' over 'It is blue.'), pairs only "
                         f"the image can tell apart; the eval split has none (default: {CORRECTED_FRACTION})")
+    s.add_argument("--sft-grounded-fraction", type=float, default=GROUNDED_FRACTION,
+                   help="fraction of the sft train rows' good answers to color and locate questions that list "
+                        "the scene instead ('Where is the red circle?' -> 'I see a red circle on the left and a "
+                        "blue star in the center.'), answers that need no lookup of the named shape; the eval "
+                        f"split has none (default: {GROUNDED_FRACTION})")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=run_shapes)
 
@@ -68,7 +75,8 @@ def run_shapes(args) -> int:
         print(f"jaxpref data shapes: --num-shards must be >= 1, got {args.num_shards}", file=sys.stderr)
         return 2
     for name, value in (("--sft-short-fraction", args.sft_short_fraction),
-                        ("--corrected-fraction", args.corrected_fraction)):
+                        ("--corrected-fraction", args.corrected_fraction),
+                        ("--sft-grounded-fraction", args.sft_grounded_fraction)):
         if not 0 <= value <= 1:
             print(f"jaxpref data shapes: {name} must lie in [0, 1], got {value}", file=sys.stderr)
             return 2
@@ -79,7 +87,8 @@ def run_shapes(args) -> int:
     cards = write_shapes(args.out, {kind: splits for kind in KINDS}, seed=args.seed, image_size=args.image_size,
                          label_noise=args.label_noise, num_shards=args.num_shards, format=args.format,
                          command=shapes_command(args), sft_short_fraction=args.sft_short_fraction,
-                         corrected_fraction=args.corrected_fraction)
+                         corrected_fraction=args.corrected_fraction,
+                         sft_grounded_fraction=args.sft_grounded_fraction)
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(shapes_card(args, cards))
     for kind, card in cards.items():
@@ -90,10 +99,11 @@ def run_shapes(args) -> int:
 
 def write_shapes(out: str, splits: dict, *, seed: int, image_size: int, label_noise: float, num_shards: int,
                  command: str, format: str = "parquet", sft_short_fraction: float = 0.0,
-                 corrected_fraction: float = 0.0) -> dict:
+                 corrected_fraction: float = 0.0, sft_grounded_fraction: float = 0.0) -> dict:
     """The built-in task's datasets under one progress bar: for each kind of `splits` ({kind: [(split,
     rows), ...]}), out/<kind>/ holds those splits in at most `num_shards` shards; sft's train split mixes
-    in `sft_short_fraction` short questions, preference's train split `corrected_fraction` corrections.
+    in `sft_short_fraction` short questions and lists the scene in `sft_grounded_fraction` of its good answers to
+    color and locate questions, preference's train split has `corrected_fraction` corrections.
     Returns {kind: card} (write_shards' dataset info)."""
     from tqdm import tqdm
 
@@ -101,7 +111,8 @@ def write_shapes(out: str, splits: dict, *, seed: int, image_size: int, label_no
     from jaxpref.data.writers import write_shards
 
     info = {"task": "shapes", "seed": seed, "image_size": image_size, "label_noise": label_noise,
-            "sft_short_fraction": sft_short_fraction, "corrected_fraction": corrected_fraction, "command": command}
+            "sft_short_fraction": sft_short_fraction, "corrected_fraction": corrected_fraction,
+            "sft_grounded_fraction": sft_grounded_fraction, "command": command}
     cards = {}
     with tqdm(total=sum(n for kind_splits in splits.values() for _, n in kind_splits), unit="row",
               desc="shapes") as bar:
@@ -110,8 +121,10 @@ def write_shapes(out: str, splits: dict, *, seed: int, image_size: int, label_no
                 bar.set_postfix_str(f"{kind}/{split}")
                 short = sft_short_fraction if (kind, split) == ("sft", "train") else 0.0
                 corrected = corrected_fraction if (kind, split) == ("preference", "train") else 0.0
+                grounded = sft_grounded_fraction if (kind, split) == ("sft", "train") else 0.0
                 rows = generate_split(kind, n, seed, image_size=image_size, label_noise=label_noise, split=split,
-                                      short_fraction=short, corrected_fraction=corrected)
+                                      short_fraction=short, corrected_fraction=corrected,
+                                      grounded_fraction=grounded)
                 cards[kind] = write_shards(_counted(rows, bar), os.path.join(out, kind),
                                            num_shards=min(num_shards, n), format=format, split=split,
                                            info={**info, "kind": kind})
@@ -129,7 +142,8 @@ def shapes_command(args) -> str:
                        "--num-eval", str(args.num_eval), "--num-shards", str(args.num_shards), "--format",
                        args.format, "--image-size", str(args.image_size), "--label-noise", str(args.label_noise),
                        "--sft-short-fraction", str(args.sft_short_fraction), "--corrected-fraction",
-                       str(args.corrected_fraction), "--seed", str(args.seed)])
+                       str(args.corrected_fraction), "--sft-grounded-fraction", str(args.sft_grounded_fraction),
+                       "--seed", str(args.seed)])
 
 
 def shapes_card(args, cards: dict) -> str:

@@ -408,6 +408,14 @@ _RESPONDERS = {"describe": lambda scene, p, w: _describe(scene, w), "color": _co
                "locate": _locate}
 
 
+def grounded_answer(scene: Scene, rng: np.random.Generator) -> str:
+    """An answer that names every shape with its column ("I see a red circle on the left and a blue star
+    in the center."): the describe question's good answer, given to a color or locate question. It
+    answers either without finding the shape the question names first; the judge scores it like any
+    answer (1.0 for one shape, 0.93-1.0 for two, about 0.88 for three: 0.01 a word over its budget of 12)."""
+    return _describe(scene, _Writer(rng))["good"]
+
+
 def responses(scene: Scene, prompt: Prompt | str, rng: np.random.Generator) -> dict[str, str]:
     """One response per tier (TIERS) to `prompt` about `scene`; templates and wording vary with rng."""
     prompt = parse_prompt(scene, prompt) if isinstance(prompt, str) else prompt
@@ -828,7 +836,7 @@ def _image_column(scene: Scene, image_size: int) -> list[dict]:
 
 def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_noise: float = 0.1,
                    split: str = "train", short_fraction: float = 0.0,
-                   corrected_fraction: float = 0.0) -> Iterator[dict]:
+                   corrected_fraction: float = 0.0, grounded_fraction: float = 0.0) -> Iterator[dict]:
     """`num` rows of one dataset in TRL's schema (plain-text prompts), deterministic for (kind, seed, split).
 
     kind "preference": images, prompt, chosen, rejected, scene. The pair's tiers are drawn
@@ -839,6 +847,8 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
     kind "prompt": images, prompt, scene (for PPO/GRPO).
     kind "sft": images, prompt, completion, scene; the completion's tier is uniform over TIERS. With
       short_fraction > 0, that fraction of the rows (in expectation) is a short_question instead.
+      With grounded_fraction > 0, that fraction of the good-tier answers to color and locate questions
+      (in expectation) is a grounded_answer instead: the scene listed shape by shape.
     kind "short": images, prompt, completion, scene; every row a short_question (the data of the
       demo's decoder pretraining stage, configs/shapes/pretrain.yaml).
     Train and eval scenes never share content (scene_split). `images` is [{"bytes": PNG, "path": None}].
@@ -857,9 +867,13 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
     if not 0 <= corrected_fraction <= 1 or (corrected_fraction and kind != "preference"):
         raise ValueError(f"corrected_fraction must lie in [0, 1] and is for kind 'preference' only, got "
                          f"{corrected_fraction} for kind {kind!r}")
+    if not 0 <= grounded_fraction <= 1 or (grounded_fraction and kind != "sft"):
+        raise ValueError(f"grounded_fraction must lie in [0, 1] and is for kind 'sft' only, got {grounded_fraction} "
+                         f"for kind {kind!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind)])
     # a separate stream, so that short_fraction=0 (corrected_fraction=0) writes exactly the rows it always has
     short_rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind), 1])
+    grounded_rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind), 2])
     for _ in range(num):
         scene = sample_scene(rng, split)
         if kind == "short":
@@ -869,7 +883,11 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
             prompt = sample_prompt(scene, rng)
             row = {"images": _image_column(scene, image_size), "prompt": prompt.text}
         if kind == "sft":  # drawn for every row, so that the main stream and the other rows stay the same
-            row["completion"] = responses(scene, prompt, rng)[TIERS[int(rng.integers(len(TIERS)))]]
+            tier = TIERS[int(rng.integers(len(TIERS)))]
+            row["completion"] = responses(scene, prompt, rng)[tier]
+            if (grounded_fraction and tier == "good" and prompt.question in ("color", "locate")
+                    and grounded_rng.random() < grounded_fraction):
+                row["completion"] = grounded_answer(scene, grounded_rng)
             if short_fraction and short_rng.random() < short_fraction:
                 row["prompt"], row["completion"] = short_question(scene, short_rng)
         elif kind == "preference":
