@@ -1238,6 +1238,7 @@ def write_report(out: str) -> str:
                  for m in METHODS]
         lines.append(f"| {q} | {row['prompts']} | {_f(float(np.mean(row['sft'])))} | " + " | ".join(cells) + " |")
     lines += ["", "![judge scores](img/judge_scores.png)", ""]
+    lines += _grounded_lines(samples)
     lines += _reads_lines(summary)
     lines += ["PPO per iteration (held-out evaluations every "
               f"{plan['ppo'].get('eval_steps', '?')} iterations):", "", "![PPO](img/ppo.png)", ""]
@@ -1291,6 +1292,48 @@ def write_report(out: str) -> str:
 
 READ_KINDS = {"where_is": "where is the X", "color_of": "color of the X", "color_at": "color at a place",
               "kind_at": "shape at a place", "size_at": "size at a place", "count": "count", "describe": "describe"}
+
+
+def grounded_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
+    """On the color and locate prompts about scenes of two or three shapes: how often each model's answer
+    names every shape (jaxpref.data.shapes.names_every_shape: a grounded answer, the scene listed) and the
+    judge's mean score of the answers that do and of those that do not: {"sft" | method: {"prompts": n,
+    "share": s, "score_listed": x, "score_other": y}} (a score None when no answer falls there)."""
+    from jaxpref.data.shapes import Scene, names_every_shape, parse_prompt
+
+    ref = samples[METHODS[0]]
+    picked = [i for i, s in enumerate(ref) if len(Scene.from_json(s["scene"]).shapes) > 1
+              and parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question in ("color", "locate")]
+    table = {}
+    for name in ("sft",) + METHODS:
+        key, rows = ("reference", ref) if name == "sft" else ("policy", samples[name])
+        listed = [names_every_shape(rows[i]["scene"], rows[i][key]) for i in picked]
+        scores = [rows[i][f"{key}_judge"] for i in picked]
+        mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+        table[name] = {"prompts": len(picked), "share": mean([float(x) for x in listed]),
+                       "score_listed": mean([s for s, x in zip(scores, listed) if x]),
+                       "score_other": mean([s for s, x in zip(scores, listed) if not x])}
+    return table
+
+
+def _grounded_lines(samples: dict[str, list[dict]]) -> list[str]:
+    """The report's table of grounded answers (grounded_table)."""
+    table = grounded_table(samples)
+    n = table["sft"]["prompts"]
+    if not n:
+        return []
+    lines = ["### Answers that list the scene", "",
+             f"On the {n} held-out color and locate prompts about scenes of two or three shapes: the share of answers "
+             "that name every shape (\"Where is the red circle?\" -> \"I see a red circle on the left and a blue star "
+             "in the center.\", as `data.sft_grounded_fraction` of SFT's good answers do), and the judge's mean score "
+             "of those answers and of the others. A listing answers without finding the named shape first, the lookup "
+             "the decoder reads worst (below); the judge scores it by the same rules as any answer, its length rule "
+             "charging 0.01 a word over 12 (docs/SHAPES.md).", "",
+             "| model | share that list the scene | judge score when they do | when they do not |", "|---|---|---|---|"]
+    for name, row in table.items():
+        lines.append(f"| {name.upper()} | {_f(row['share'], '.2f')} | {_f(row['score_listed'])} | "
+                     f"{_f(row['score_other'])} |")
+    return lines + [""]
 
 
 def _reads_lines(summary: dict) -> list[str]:

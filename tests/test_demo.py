@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, judge_bins,
-                          judge_table, make_plan, ppo_config, reusable_stages, run_demo, trainer_config,
+                          grounded_table, judge_table, make_plan, ppo_config, reusable_stages, run_demo, trainer_config,
                           write_summary)
 from jaxpref.eval import agreement_by_question
 from test_train import run_jaxpref
@@ -161,6 +161,12 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
         assert np.mean(judges["all"][m]) == pytest.approx(s[m]["judge_score"])
     assert np.mean(judges["all"]["sft"]) == pytest.approx(s["sft"]["judge_score"])
     assert "### The judge's scores before and after" in report
+    grounded = grounded_table({m: [json.loads(line) for line in open(out / "eval" / m / "samples.jsonl")]
+                               for m in ("dpo", "ppo")})
+    assert ("### Answers that list the scene" in report) == (grounded["sft"]["prompts"] > 0)
+    for name, row in grounded.items():
+        assert 0 <= (row["share"] or 0) <= 1 and (not row["prompts"] or f"| {name.upper()} | {row['share']:.2f} |"
+                                                   in report)
     for q, row in judges.items():
         assert f"| {q} | {row['prompts']} | {np.mean(row['sft']):.3f} |" in report
     # each model's reads: greedy answers to the same 8 held-out short questions, stored and in the report
@@ -476,3 +482,23 @@ def test_judge_table_refuses_comparisons_of_different_prompts():
     assert table["color"]["prompts"] == 1 and table["all"]["dpo_win"] == 1.0 and table["all"]["ppo_ties"] == 1.0
     with pytest.raises(ValueError, match="different prompts"):
         judge_table({"dpo": [dict(row, index=0)], "ppo": [dict(row, index=1)]})
+
+
+def test_grounded_table_counts_answers_that_list_a_scene_of_two_or_more_shapes():
+    two = ('{"shapes": [{"color": "red", "dx": 0.0, "dy": 0.0, "kind": "circle", "position": "left", "size": "small"}, '
+           '{"color": "blue", "dx": 0.0, "dy": 0.0, "kind": "star", "position": "right", "size": "large"}]}')
+    one = '{"shapes": [{"color": "red", "dx": 0.0, "dy": 0.0, "kind": "circle", "position": "left", "size": "small"}]}'
+    listing = "I see a red circle on the left and a blue star on the right."
+    rows = [  # (prompt, scene, policy, its judge score, reference, its judge score)
+        ("Where is the red circle?", two, listing, 1.0, "On the right.", 0.0),
+        ("What color is the star?", two, "It is blue.", 1.0, "There is a blue star and a red circle.", 0.8),
+        ("Where is the red circle?", one, "A red circle on the left.", 1.0, "On the left.", 1.0),  # one shape: skipped
+        ("How many shapes are there?", two, listing, 0.2, "Two.", 1.0),  # not color or locate: skipped
+        ("Where is the blue star?", two, "A blue star on the right and a red square.", 0.1, "On the left.", 0.0),
+    ]
+    samples = [{"index": i, "prompt": p, "scene": sc, "policy": a, "policy_judge": sa, "reference": b,
+                "reference_judge": sb} for i, (p, sc, a, sa, b, sb) in enumerate(rows)]
+    table = grounded_table({"dpo": samples, "ppo": samples})
+    assert table["sft"] == {"prompts": 3, "share": pytest.approx(1 / 3), "score_listed": 0.8, "score_other": 0.0}
+    assert table["ppo"] == table["dpo"] == {"prompts": 3, "share": pytest.approx(1 / 3), "score_listed": 1.0,
+                                            "score_other": pytest.approx(0.55)}  # a red square is not the circle

@@ -416,6 +416,14 @@ def grounded_answer(scene: Scene, rng: np.random.Generator) -> str:
     return _describe(scene, _Writer(rng))["good"]
 
 
+def names_every_shape(scene: Scene | str, text: str) -> bool:
+    """Does `text` name each shape of a scene with two or three by its kind and color (a grounded_answer,
+    or any listing)? False for one-shape scenes, where every answer names the one shape."""
+    scene = _scene(scene) if isinstance(scene, str) else scene
+    named = {(m.kind, m.color) for m in parse_claims(text).mentions}
+    return len(scene.shapes) > 1 and all((s.kind, s.color) in named for s in scene.shapes)
+
+
 def responses(scene: Scene, prompt: Prompt | str, rng: np.random.Generator) -> dict[str, str]:
     """One response per tier (TIERS) to `prompt` about `scene`; templates and wording vary with rng."""
     prompt = parse_prompt(scene, prompt) if isinstance(prompt, str) else prompt
