@@ -1347,7 +1347,8 @@ def _reads_lines(summary: dict) -> list[str]:
              f"Greedy answers to {first['num_questions']} held-out short questions (\"Quick question: where is the red "
              "circle?\" -> \"On the left.\"), exact match (an answer in another form counts wrong), per question kind "
              "(how many were asked in brackets); the last column asks every question with another row's image (what "
-             "the words alone get right). The judge's locate and color questions need the first two reads. "
+             "the words alone get right). The judge's locate and color questions need the first two reads, unless the "
+             "answer lists the scene (above). "
              "Preference tuning teaches the decoder to use the reads it has, not new ones, so on locate and color "
              "questions these limit what DPO and PPO can win (docs/TRAINING.md, \"What is left: the backbone's "
              "reads\"). Every answer: `eval/reads/<model>/reads.jsonl`.", "",
