@@ -1516,8 +1516,10 @@ def _paragraph(summary: dict, steps: dict, model: str | None, ppo_reward: str = 
                 "tells apart" if corrected else "the generator's held-out preference pairs")
     quick = (" This is the quick plan: short runs that show the pipeline working end to end; its numbers are noisy "
              "and say little about what the methods can reach." if summary["quick"] else "")
-    return (f"This run trained {start} on the built-in shapes task with SFT ({steps['sft']} steps), collected "
-            f"{pairs}, trained a reward model on them ({steps['reward']} steps; accuracy on {held_out}: "
+    grounded = summary["plan"]["data"].get("sft_grounded_fraction") or 0
+    grounded = f"; {grounded:.0%} of its data's good color and locate answers list the scene" if grounded else ""
+    return (f"This run trained {start} on the built-in shapes task with SFT ({steps['sft']} steps{grounded}), "
+            f"collected {pairs}, trained a reward model on them ({steps['reward']} steps; accuracy on {held_out}: "
             f"{_f(rm['accuracy'])} against the labels, whose ceiling is {_f(rm.get('label_agreement'))}, and "
             f"{_f(rm.get('gold_accuracy'))} against the gold judge), and tuned the SFT policy on them with DPO "
             f"({_dpo_steps(summary, steps['dpo'])}) and with PPO against {ppo_reward} "
