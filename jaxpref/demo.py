@@ -1324,8 +1324,8 @@ def _grounded_lines(samples: dict[str, list[dict]]) -> list[str]:
         return []
     lines = ["### Answers that list the scene", "",
              f"On the {n} held-out color and locate prompts about scenes of two or three shapes: the share of answers "
-             "that name every shape (\"Where is the red circle?\" -> \"I see a red circle on the left and a blue star "
-             "in the center.\", as `data.sft_grounded_fraction` of SFT's good answers do), and the judge's mean score "
+             "that name every shape (\"Where is the red circle?\" -> \"A red circle on the left and a blue star in the "
+             "center.\", as `data.sft_grounded_fraction` of SFT's good answers do), and the judge's mean score "
              "of those answers and of the others. A listing answers without finding the named shape first, the lookup "
              "the decoder reads worst (below); the judge scores it by the same rules as any answer, its length rule "
              "charging 0.01 a word over 12 (docs/SHAPES.md).", "",

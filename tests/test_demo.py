@@ -488,7 +488,7 @@ def test_grounded_table_counts_answers_that_list_a_scene_of_two_or_more_shapes()
     two = ('{"shapes": [{"color": "red", "dx": 0.0, "dy": 0.0, "kind": "circle", "position": "left", "size": "small"}, '
            '{"color": "blue", "dx": 0.0, "dy": 0.0, "kind": "star", "position": "right", "size": "large"}]}')
     one = '{"shapes": [{"color": "red", "dx": 0.0, "dy": 0.0, "kind": "circle", "position": "left", "size": "small"}]}'
-    listing = "I see a red circle on the left and a blue star on the right."
+    listing = "A red circle on the left and a blue star on the right."
     rows = [  # (prompt, scene, policy, its judge score, reference, its judge score)
         ("Where is the red circle?", two, listing, 1.0, "On the right.", 0.0),
         ("What color is the star?", two, "It is blue.", 1.0, "There is a blue star and a red circle.", 0.8),

@@ -11,7 +11,7 @@ from PIL import Image
 
 from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape,
                                  corrected_pair, generate_split, judge, parse_claims, parse_prompt, render, responses,
-                                 sample_prompt, sample_scene, scene_split)
+                                 sample_prompt, sample_scene, scene_listing, scene_split)
 from jaxpref.data.tokenizer import SPECIAL_TOKENS, load_shapes_tokenizer, load_tokenizer
 
 # A hand-made scene: a large red circle on the left, a small blue square on the right.
@@ -328,7 +328,8 @@ def test_grounded_answers_list_the_scene_in_that_fraction_of_good_color_and_loca
         claims = parse_claims(grounded["completion"])  # every shape, with its kind, color and column
         assert sorted((m.kind, m.color, tuple(m.positions)) for m in claims.mentions if m.kind in KINDS) == \
             sorted((s.kind, s.color, (s.position,)) for s in scene.shapes), grounded["completion"]
-        assert judge(scene, prompt, grounded["completion"]) >= (1.0 if len(scene.shapes) == 1 else 0.8)
+        assert grounded["completion"] == scene_listing(scene)  # the short describe answer's phrasing
+        assert judge(scene, prompt, grounded["completion"]) >= {1: 1.0, 2: 0.94, 3: 0.88}[len(scene.shapes)]
     assert list(generate_split("sft", 50, seed=9, image_size=16, split="eval", grounded_fraction=0.0)) == \
         list(generate_split("sft", 50, seed=9, image_size=16, split="eval"))
     with pytest.raises(ValueError, match="grounded_fraction"):

@@ -47,8 +47,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                         f"the image can tell apart; the eval split has none (default: {CORRECTED_FRACTION})")
     s.add_argument("--sft-grounded-fraction", type=float, default=GROUNDED_FRACTION,
                    help="fraction of the sft train rows' good answers to color and locate questions that list "
-                        "the scene instead ('Where is the red circle?' -> 'I see a red circle on the left and a "
-                        "blue star in the center.'), answers that need no lookup of the named shape; the eval "
+                        "the scene instead ('Where is the red circle?' -> 'A red circle on the left and a blue "
+                        "star in the center.'), answers that need no lookup of the named shape; the eval "
                         f"split has none (default: {GROUNDED_FRACTION})")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=run_shapes)

@@ -408,12 +408,19 @@ _RESPONDERS = {"describe": lambda scene, p, w: _describe(scene, w), "color": _co
                "locate": _locate}
 
 
-def grounded_answer(scene: Scene, rng: np.random.Generator) -> str:
-    """An answer that names every shape with its column ("I see a red circle on the left and a blue star
-    in the center."): the describe question's good answer, given to a color or locate question. It
-    answers either without finding the shape the question names first; the judge scores it like any
-    answer (1.0 for one shape, 0.93-1.0 for two, about 0.88 for three: 0.01 a word over its budget of 12)."""
-    return _describe(scene, _Writer(rng))["good"]
+def scene_listing(scene: Scene) -> str:
+    """Every shape left to right, in one fixed phrasing: "A red circle on the left and a blue star in the
+    center." (the short describe question's answer)."""
+    return _cap(_listing([_a(f"{t.color} {t.kind} {POSITION_PHRASES[t.position][0]}") for t in scene.shapes])) + "."
+
+
+def grounded_answer(scene: Scene) -> str:
+    """The answer to a color or locate question that lists the scene (scene_listing: "A red circle on the
+    left and a blue star in the center."): it answers either without finding the shape the question names
+    first, in the phrasing the decoder's pretraining taught it to read the scene in (no sizes, which it
+    reads worst). The judge scores it like any answer: 1.0 for one shape, 0.94-1.0 for two, 0.88-0.94 for
+    three (0.01 a word over the budget of 12)."""
+    return scene_listing(scene)
 
 
 def names_every_shape(scene: Scene | str, text: str) -> bool:
@@ -750,8 +757,7 @@ def short_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     answer = {"color_at": f"It is {s.color}.", "kind_at": f"A {s.kind}.", "size_at": f"It is {s.size}.",
               "color_of": f"It is {s.color}.", "where_is": f"{_cap(where)}.",
               "count": f"I count {NUMBER_WORDS[len(scene.shapes)]}.",
-              "describe": _cap(_listing([_a(f"{t.color} {t.kind} {POSITION_PHRASES[t.position][0]}")
-                                         for t in scene.shapes])) + "."}[kind]
+              "describe": scene_listing(scene)}[kind]
     return prompt, answer
 
 
@@ -895,7 +901,7 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
             row["completion"] = responses(scene, prompt, rng)[tier]
             if (grounded_fraction and tier == "good" and prompt.question in ("color", "locate")
                     and grounded_rng.random() < grounded_fraction):
-                row["completion"] = grounded_answer(scene, grounded_rng)
+                row["completion"] = grounded_answer(scene)
             if short_fraction and short_rng.random() < short_fraction:
                 row["prompt"], row["completion"] = short_question(scene, short_rng)
         elif kind == "preference":
