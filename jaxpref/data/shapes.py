@@ -885,7 +885,8 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
         raise ValueError(f"grounded_fraction must lie in [0, 1] and is for kind 'sft' only, got {grounded_fraction} "
                          f"for kind {kind!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind)])
-    # a separate stream, so that short_fraction=0 (corrected_fraction=0) writes exactly the rows it always has
+    # separate streams, so that short_fraction=0 (corrected_fraction=0, grounded_fraction=0) writes exactly the
+    # rows it always has
     short_rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind), 1])
     grounded_rng = np.random.default_rng([seed, SPLITS.index(split), GENERATED_KINDS.index(kind), 2])
     for _ in range(num):
