@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 
 import jax
@@ -21,30 +22,36 @@ from jaxpref.models import VLM
 from jaxpref.models.hf import load_pretrained, save_pretrained
 
 
+def widen(src: str, out: str, heads: int) -> None:
+    """Writes `src` with its key-value heads tiled to `heads` (a multiple of its own) into `out`."""
+    model, params = load_pretrained(src, "float32")
+    text = model.config.text
+    if heads % text.num_key_value_heads or text.num_attention_heads % heads:
+        raise ValueError(f"{heads} key-value heads must be a multiple of {src}'s {text.num_key_value_heads} and "
+                         f"divide its {text.num_attention_heads} query heads")
+    reps = heads // text.num_key_value_heads
+    layers = dict(jax.device_get(params["decoder"]["layers"]))
+    for name in ("k", "v"):  # kernel [layers, embed, kv_heads, head_dim]
+        layers[name] = {**layers[name], "kernel": np.repeat(np.asarray(layers[name]["kernel"]), reps, axis=-2)}
+    params = {**params, "decoder": {**params["decoder"], "layers": layers}}
+    cfg = dataclasses.replace(model.config, text=dataclasses.replace(text, num_key_value_heads=heads))
+    save_pretrained(VLM(cfg, head="lm"), params, out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="a jaxpref / Hugging Face model directory")
     p.add_argument("out")
     p.add_argument("--heads", type=int, required=True, help="key-value heads of the new model")
     args = p.parse_args()
-    model, params = load_pretrained(args.src, "float32")
-    text = model.config.text
-    if args.heads % text.num_key_value_heads or text.num_attention_heads % args.heads:
-        raise SystemExit(f"--heads {args.heads} must be a multiple of {text.num_key_value_heads} key-value heads and "
-                         f"divide {text.num_attention_heads} query heads")
-    reps = args.heads // text.num_key_value_heads
-    layers = dict(jax.device_get(params["decoder"]["layers"]))
-    for name in ("k", "v"):  # kernel [layers, embed, kv_heads, head_dim]
-        layers[name] = {**layers[name], "kernel": np.repeat(np.asarray(layers[name]["kernel"]), reps, axis=-2)}
-    params = {**params, "decoder": {**params["decoder"], "layers": layers}}
-    cfg = dataclasses.replace(model.config, text=dataclasses.replace(text, num_key_value_heads=args.heads))
-    save_pretrained(VLM(cfg, head="lm"), params, args.out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        try:
-            shutil.copy(f"{args.src}/{f}", args.out)
-        except FileNotFoundError:
-            pass
-    print(f"{args.src} -> {args.out}: {text.num_key_value_heads} -> {args.heads} key-value heads")
+    try:
+        widen(args.src, args.out, args.heads)
+    except ValueError as e:
+        raise SystemExit(f"widen_kv_heads: {e}") from None
+    print(f"{args.src} -> {args.out}: {args.heads} key-value heads")
 
 
 if __name__ == "__main__":

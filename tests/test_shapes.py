@@ -433,6 +433,31 @@ def _script(name: str):
     return script
 
 
+def test_widen_kv_heads_keeps_the_function_and_checks_the_head_count(tmp_path):
+    import flax.linen as nn
+    import jax
+
+    from jaxpref.models import VLM, load_pretrained, save_pretrained
+    from jaxpref.models.presets import get_preset
+    from jaxpref.models.vlm import dummy_inputs
+
+    model = VLM(get_preset("tiny"))  # 4 query heads, 1 key-value head
+    inputs = dummy_inputs(model.config)
+    params = nn.meta.unbox(model.init(jax.random.key(3), *inputs)["params"])
+    save_pretrained(model, params, str(tmp_path / "one"))
+    _script("widen_kv_heads").widen(str(tmp_path / "one"), str(tmp_path / "four"), 4)
+    wide, wide_params = load_pretrained(str(tmp_path / "four"))
+    assert wide.config.text.num_key_value_heads == 4
+    assert wide_params["decoder"]["layers"]["k"]["kernel"].shape[-2] == 4
+    pixels = np.random.default_rng(0).uniform(-1, 1, np.shape(inputs[0])).astype(np.float32)
+    a = model.apply({"params": params}, pixels, *inputs[1:]).logits
+    b = wide.apply({"params": wide_params}, pixels, *inputs[1:]).logits
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+    assert np.abs(np.asarray(a)).max() > 1e-3  # not a vacuous comparison
+    with pytest.raises(ValueError, match="must be a multiple"):
+        _script("widen_kv_heads").widen(str(tmp_path / "four"), str(tmp_path / "bad"), 2)
+
+
 def test_tokenizer_training_script_is_deterministic():
     script = _script("train_shapes_tokenizer")
     a, b = script.train(60), script.train(60)
