@@ -75,13 +75,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~1 h 35 min (session 28's runs/s28/main,
-# the tower and pretraining beside test runs: tower 18 min, pretrain 19, pretrain2 10, SFT 8, comparisons 1,
-# reward 2, DPO's rounds 13, PPO and its rounds 18, eval 4), quick ~8 min (8.3 alone in session 28, 2.2 of it
-# PPO with its one round; 12.7 in session 26, before the 2x faster training step).
-# `data`: train rows per dataset kind and eval rows of each; trainer stages: config overrides (any key
-# of that trainer's config); `eval`: held-out prompts (0: every eval row), best-of-n's largest n (0: none) and
-# the held-out short questions each model answers (`reads`, jaxpref.eval.short_answer_reads; 0: none).
+# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~1 h 30 min (session 29's runs/s29/main2:
+# tower 18 min, pretrain 19, pretrain2 10 (those three from session 28), SFT 9, comparisons 1, reward 2,
+# DPO's rounds 13, PPO and its rounds 16, eval 3), quick ~8 min (8.3 alone in session 28, 2.2 of it PPO with
+# its one round; 12.7 in session 26, before the 2x faster training step).
+# `data`: train rows per dataset kind and eval rows of each, and the SFT rows' mix: `sft_short_fraction` short
+# questions, `sft_grounded_fraction` of the good color/locate answers listing the scene (docs/SHAPES.md; in
+# runs/s29/main2 they took PPO from 0.713 to 0.782 against SFT, docs/TRAINING.md); trainer stages: config
+# overrides (any key of that trainer's config); `eval`: held-out prompts (0: every eval row), best-of-n's
+# largest n (0: none) and the held-out short questions each model answers (`reads`,
+# jaxpref.eval.short_answer_reads; 0: none).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
