@@ -11,19 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 import numpy as np
 
 from jaxpref.data import shapes
-
-_PATTERNS = {q: [re.compile(re.escape(t).replace(r"\{color\}", r"\w+").replace(r"\{kind\}", r"\w+")
-                            .replace(r"\{ref\}", ".+")) for t in templates]
-             for q, templates in shapes.PROMPT_TEMPLATES.items()}
-
-
-def question(prompt: str) -> str | None:
-    return next((q for q, patterns in _PATTERNS.items() if any(p.fullmatch(prompt) for p in patterns)), None)
 
 
 def main():
@@ -35,7 +26,7 @@ def main():
         with open(path) as f:
             for line in f:
                 row = json.loads(line)
-                if question(row["prompt"]) not in ("color", "locate"):
+                if shapes.question_of(row["prompt"]) not in ("color", "locate"):
                     continue
                 for answer, score in zip(row["answers"], row["judge"]):
                     kinds = [m for m in shapes.parse_claims(answer).mentions if m.kind in shapes.KINDS]

@@ -11,7 +11,8 @@ from PIL import Image
 
 from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape,
                                  corrected_pair, generate_split, judge, parse_claims, parse_prompt, render, responses,
-                                 sample_prompt, sample_scene, scene_listing, scene_split)
+                                 question_of, sample_prompt, sample_scene, scene_listing,
+                                 scene_split)
 from jaxpref.data.tokenizer import SPECIAL_TOKENS, load_shapes_tokenizer, load_tokenizer
 
 # A hand-made scene: a large red circle on the left, a small blue square on the right.
@@ -93,7 +94,7 @@ def test_prompts_name_shapes_of_the_scene_and_parse_back():
         scene = sample_scene(rng)
         prompt = sample_prompt(scene, rng)
         seen.add(prompt.question)
-        assert parse_prompt(scene, prompt.text) == prompt
+        assert parse_prompt(scene, prompt.text) == prompt and question_of(prompt.text) == prompt.question
         if prompt.target is not None:
             s = scene.shapes[prompt.target]
             assert s.kind in prompt.text and (prompt.question != "locate" or s.color in prompt.text)

@@ -237,19 +237,26 @@ def sample_prompt(scene: Scene, rng: np.random.Generator, question: str | None =
     return Prompt("locate", pick(PROMPT_TEMPLATES["locate"]).format(color=s.color, kind=s.kind), target=i)
 
 
-def parse_prompt(scene: Scene, text: str) -> Prompt:
-    """The Prompt a prompt text asks about `scene` (any phrasing naming the shape like ours do).
-    Raises ValueError when it names a shape that is not (uniquely) in the scene."""
+def question_of(text: str) -> str:
+    """The question (one of QUESTIONS) a prompt text asks, from its words alone (no scene needed)."""
     words = _words(text)
     joined = " ".join(words)
     if "how many" in joined or (words and words[0] == "count"):
-        question = "count"
-    elif "color" in words:
-        question = "color"
-    elif {"where", "locate", "position"} & set(words) or "which part" in joined:
-        question = "locate"
-    else:
+        return "count"
+    if "color" in words:
+        return "color"
+    if {"where", "locate", "position"} & set(words) or "which part" in joined:
+        return "locate"
+    return "describe"
+
+
+def parse_prompt(scene: Scene, text: str) -> Prompt:
+    """The Prompt a prompt text asks about `scene` (any phrasing naming the shape like ours do).
+    Raises ValueError when it names a shape that is not (uniquely) in the scene."""
+    question = question_of(text)
+    if question == "describe":
         return Prompt("describe", text)
+    words = _words(text)
     mentions = [m for clause in _clauses(words) for m in _parse_clause(clause)[0] if m.kind != GENERIC]
     if question == "count":
         return Prompt("count", text, count_kind=mentions[0].kind if mentions else None)
