@@ -1302,11 +1302,11 @@ def grounded_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
     names every shape (jaxpref.data.shapes.names_every_shape: a grounded answer, the scene listed) and the
     judge's mean score of the answers that do and of those that do not: {"sft" | method: {"prompts": n,
     "share": s, "score_listed": x, "score_other": y}} (a score None when no answer falls there)."""
-    from jaxpref.data.shapes import Scene, names_every_shape, parse_prompt
+    from jaxpref.data.shapes import Scene, names_every_shape, question_of
 
     ref = samples[METHODS[0]]
-    picked = [i for i, s in enumerate(ref) if len(Scene.from_json(s["scene"]).shapes) > 1
-              and parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question in ("color", "locate")]
+    picked = [i for i, s in enumerate(ref) if question_of(s["prompt"]) in ("color", "locate")
+              and len(Scene.from_json(s["scene"]).shapes) > 1]
     table = {}
     for name in ("sft",) + METHODS:
         key, rows = ("reference", ref) if name == "sft" else ("policy", samples[name])
