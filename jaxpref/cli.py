@@ -7,16 +7,34 @@
     jaxpref generate --model DIR --image P --prompt T
     jaxpref tower --out DIR                        pretrain a vision tower on the built-in task
     jaxpref sft --config F [key=value ...]         (and reward, dpo, ppo)
-    jaxpref eval --policy DIR --reference DIR --data DIR   gold-judge / reward-model win-rate
+    jaxpref eval --policy DIR --reference DIR --data DIR [--judge NAME]   judge / reward-model win-rate
+    jaxpref comparisons --policy DIR --data DIR --out DIR --judge NAME    preference pairs of its own answers
+    jaxpref reads --policy DIR                     what a model reads off the image (built-in task)
 
-Each subcommand lives beside the code it drives; this file only dispatches.
+Each subcommand lives beside the code it drives; this file only dispatches. It is the one module of
+the library that knows the built-in task: it mounts the task's commands (jaxpref.tasks.shapes.cli).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+import jax
+import jax.numpy as jnp
+
+from jaxpref.data.cli import add_data_parser
+from jaxpref.eval.comparisons import add_comparisons_parser
+from jaxpref.eval.evaluate import add_eval_parser
+from jaxpref.generate_cli import add_generate_parser
+from jaxpref.models import VLM, get_preset, load_pretrained, preset_names
+from jaxpref.models.config import read_hf_config
+from jaxpref.profile import aot_forward, count_params, format_aot, format_report, profile_forward
+from jaxpref.sharding import init_sharded, make_mesh
+from jaxpref.tasks.shapes.cli import add_parsers as add_task_parsers
+from jaxpref.train.cli import add_train_parsers
 
 
 def _add_profile_parser(sub):
@@ -36,16 +54,6 @@ def _add_profile_parser(sub):
 
 
 def _run_profile(args) -> int:
-    import os
-
-    import jax
-    import jax.numpy as jnp
-
-    from .models import VLM, get_preset, load_pretrained, preset_names
-    from .models.config import read_hf_config
-    from .profile import aot_forward, count_params, format_aot, format_report, profile_forward
-    from .sharding import init_sharded, make_mesh
-
     if args.topology:  # nothing is allocated: the config is enough, and the host CPU compiles
         jax.config.update("jax_platforms", "cpu")
         cfg = read_hf_config(args.model) if os.path.isdir(args.model) else get_preset(args.model)
@@ -73,21 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_profile_parser(sub)
-    from .comparisons import add_comparisons_parser
-    from .data.cli import add_data_parser
-    from .demo import add_demo_parser
-    from .eval import add_eval_parser
-    from .generate_cli import add_generate_parser
-    from .train import add_train_parsers
-    from .train.tower import add_tower_parser
-
-    add_demo_parser(sub)
-    add_data_parser(sub)
+    data_sub = add_data_parser(sub)
     add_generate_parser(sub)
-    add_tower_parser(sub)
     add_train_parsers(sub)
     add_eval_parser(sub)
     add_comparisons_parser(sub)
+    add_task_parsers(sub, data_sub)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Training configs: frozen dataclasses with TRL / transformers field names and defaults.
 
-    cfg = load_config("reward", "configs/shapes/reward.yaml", ["learning_rate=3e-4", "mesh.fsdp=2"])
+    cfg = load_config("reward", "jaxpref/tasks/shapes/configs/reward.yaml", ["learning_rate=3e-4", "mesh.fsdp=2"])
     print(to_yaml(cfg))
 
 A config is the algorithm's fields (TRL's `TrainingArguments` names, e.g. `learning_rate`,
@@ -21,9 +21,13 @@ from typing import Any, Sequence
 
 import yaml
 
+from jaxpref.data.loader import BAD_RECORD_POLICIES
+from jaxpref.data.processing import TRUNCATION_MODES
+from jaxpref.models.config import SCORE_POOLINGS
+from jaxpref.objectives.dpo import LOSSES
+from jaxpref.objectives.ppo import KL_ESTIMATORS
+from jaxpref.train.optim import SCHEDULES, schedule_kwargs
 
-# How a reward model's per-position values become one score (jaxpref.objectives.reward.pooled_scores).
-SCORE_POOLINGS = ("last", "mean")
 REWARD_MODEL_TYPES = ("scalar", "implicit")  # PPOConfig.reward_model_type
 
 
@@ -164,8 +168,6 @@ class TrainingConfig:
 
     def validate(self) -> "TrainingConfig":
         """Checks every value; raises ConfigError naming the key and what it allows."""
-        from jaxpref.data.loader import BAD_RECORD_POLICIES
-        from jaxpref.train.optim import SCHEDULES, schedule_kwargs
 
         _check(bool(self.output_dir), "output_dir", "is required")
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULES)
@@ -220,7 +222,6 @@ class SFTConfig(TrainingConfig):
     """Which end of the prompt text survives truncation: keep_start or keep_end."""
 
     def validate(self) -> "SFTConfig":
-        from jaxpref.data.processing import TRUNCATION_MODES
 
         super().validate()
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
@@ -284,8 +285,6 @@ class DPOConfig(TrainingConfig):
     """The frozen reference: a preset or an HF directory (null: the weights training starts from)."""
 
     def validate(self) -> "DPOConfig":
-        from jaxpref.data.processing import TRUNCATION_MODES
-        from jaxpref.objectives.dpo import LOSSES
 
         super().validate()
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
@@ -364,9 +363,11 @@ class PPOConfig(TrainingConfig):
     """Prompt tokens, image tokens included (only the prompt's text is cut, from the start; null: no limit)."""
     eval_num_prompts: int = 64
     """Held-out prompts the policy and the reference answer at each evaluation."""
+    judge: str | None = None
+    """The judge of those answers (jaxpref.rewards: a registered name such as `shapes`, or module:function);
+    null: the evaluation reports the reward model's numbers only."""
 
     def validate(self) -> "PPOConfig":
-        from jaxpref.objectives.ppo import KL_ESTIMATORS
 
         super().validate()
         _check(bool(self.reward_model_path), "reward_model_path", "is required")

@@ -137,10 +137,12 @@ def _prefill(model: VLM, params, pixel_values, input_ids, prompt_mask, token_typ
     return jax.tree.map(lambda c: _constrain(c, cache_sharding), out.cache), logits.astype(jnp.float32)
 
 
-def _generate(model: VLM, params, pixel_values, input_ids, prompt_mask, token_type_ids, rng, row_ids, temperature,
-              top_p, eos, pad, *, max_new_tokens: int, top_k: int, greedy: bool, cache_sharding):
-    """Prefill, sample token 0 from its logits, then feed token t-1 and sample token t in a
-    while_loop until N tokens or every row has stopped. Returns GenerateOutput."""
+def generate_tokens(model: VLM, params, pixel_values, input_ids, prompt_mask, token_type_ids, rng, row_ids,
+                    temperature, top_p, eos, pad, *, max_new_tokens: int, top_k: int, greedy: bool, cache_sharding):
+    """The sampler as a traceable function, for callers that run it inside their own jit (PPO's
+    iteration); `generate` is the checked, jitted entry point. Prefill, sample token 0 from its
+    logits, then feed token t-1 and sample token t in a while_loop until N tokens or every row has
+    stopped. Returns GenerateOutput."""
     cfg = model.config
     b, tp = prompt_mask.shape
     n = max_new_tokens
@@ -184,7 +186,8 @@ def _generate(model: VLM, params, pixel_values, input_ids, prompt_mask, token_ty
     return GenerateOutput(tokens=tokens, logprobs=logprobs, lengths=lengths)
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("model", "max_new_tokens", "top_k", "greedy", "cache_sharding"))
+_generate_jit = jax.jit(generate_tokens,
+                        static_argnames=("model", "max_new_tokens", "top_k", "greedy", "cache_sharding"))
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """One mesh for everything: axes (data, fsdp, tensor), one logical-axis rules table.
 
 Models only name their axes (jaxpref/models/layers.py); this table says where each name goes.
+This module imports nothing of jaxpref: a model is anything with `init` and `example_inputs()`
+(jaxpref.models.VLM).
 A mesh axis is dropped from a parameter's spec when the dimension does not divide by its size
 (e.g. one MQA key/value head over tensor=2 stays replicated), so every preset fits every mesh.
 
@@ -88,20 +90,25 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return P(*spec)
 
 
+def _boxed_shapes(model) -> dict:
+    """The params tree of `model` as ShapeDtypeStructs still boxed with their logical names."""
+    return jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs())["params"]
+
+
+def param_shapes(model) -> dict:
+    """The params tree of `model` as jax.ShapeDtypeStruct, without allocating anything."""
+    return nn.meta.unbox(_boxed_shapes(model))
+
+
 def logical_axes(model) -> dict:
     """The params tree of `model` with each leaf replaced by its tuple of logical axis names."""
-    from .models.vlm import dummy_inputs
-
-    px, ids, mask = dummy_inputs(model.config)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), px, ids, mask)["params"]
+    boxed = _boxed_shapes(model)
     return jax.tree.map(lambda b: tuple(b.names) if isinstance(b, nn.LogicallyPartitioned) else (None,) * b.ndim,
                         boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def param_shardings(model, mesh: Mesh, rules=LOGICAL_RULES) -> dict:
     """NamedSharding for every parameter of `model`."""
-    from .models.hf import param_shapes
-
     shapes = param_shapes(model)
     axes = logical_axes(model)
     return jax.tree.map(lambda names, s: NamedSharding(mesh, logical_to_spec(names, s.shape, mesh, rules)),
@@ -116,9 +123,7 @@ def shard_params(model, params, mesh: Mesh, rules=LOGICAL_RULES):
 def init_sharded(model, rng, mesh: Mesh, rules=LOGICAL_RULES):
     """Random params created directly on their shards: init is jitted with out_shardings,
     so no device ever holds a full copy of the model."""
-    from .models.vlm import dummy_inputs
-
-    px, ids, mask = dummy_inputs(model.config)
+    px, ids, mask = model.example_inputs()
     shardings = param_shardings(model, mesh, rules)
 
     def init(rng):

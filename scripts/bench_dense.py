@@ -11,8 +11,8 @@ parameters, initialised identically, and give the same logits: the baseline is b
 `Decoder.attend` at an unflattened one, for the comparison alone.
 
 Cases (synthetic batches of the demo's shapes; one image per row, 64 image tokens):
-  pretrain  SFT loss, tower frozen, 32 rows: prompt 96 + completion 16 tokens (configs/shapes/pretrain.yaml)
-  sft       SFT loss, tower frozen, 16 rows: prompt 80 + completion 64 tokens (configs/shapes/sft.yaml)
+  pretrain  SFT loss, tower frozen, 32 rows: prompt 96 + completion 16 tokens (jaxpref/tasks/shapes/configs/pretrain.yaml)
+  sft       SFT loss, tower frozen, 16 rows: prompt 80 + completion 64 tokens (jaxpref/tasks/shapes/configs/sft.yaml)
   tower     the vision tower's backward pass alone, 64 images (jaxpref tower trains it)
 Each: the jitted forward (loss) and the jitted step (loss gradient + AdamW), best of --iters calls
 after a warm-up call. The two variants are timed in one run, interleaved case by case.

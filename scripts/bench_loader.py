@@ -28,11 +28,12 @@ from PIL import Image
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # never grab a TPU runtime for this CPU benchmark
 
 from jaxpref.data.loader import Loader
-from jaxpref.data.processing import Processor, ProcessorConfig, concat_prompt_completion
-from jaxpref.data.shapes import generate_split
+from jaxpref.data.processing import Processor, ProcessorConfig
+from jaxpref.tasks.shapes.scenes import generate_split
 from jaxpref.data.sources import open_source
 from jaxpref.data.writers import write_shards
 from jaxpref.models import VLM, forward, get_preset, init_params
+from jaxpref.sequence import concat_prompt_completion
 
 WORDS = ("describe the image what color is shape how many shapes are there where a red blue green circle square "
          "triangle on left right top bottom one two three of and is in it looks like").split()

@@ -19,8 +19,8 @@ from typing import Iterator
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxpref.data.shapes import QUESTIONS, responses, sample_prompt, sample_scene
-from jaxpref.data.tokenizer import SHAPES_TOKENIZER_PATH, SPECIAL_TOKENS
+from jaxpref.tasks.shapes.scenes import QUESTIONS, responses, sample_prompt, sample_scene
+from jaxpref.tasks.shapes.tokenizer import SHAPES_TOKENIZER_PATH, SPECIAL_TOKENS
 
 VOCAB_SIZE = 1024
 

@@ -1,8 +1,8 @@
 """A checkpoint with its key-value heads tiled (MQA 1 -> N heads): the same function at step 0, a start
-for training with more key-value heads (docs/TRAINING.md, session 29's lookup fine-tunes).
+for training with more key-value heads.
 
-    python scripts/widen_kv_heads.py runs/s28/main/runs/pretrain2 runs/s29/pre2-kv4 --heads 4
-    jaxpref sft --config runs/s28/main/runs/pretrain2/config.yaml model.name_or_path=runs/s29/pre2-kv4 ...
+    python scripts/widen_kv_heads.py runs/demo/runs/pretrain2 runs/pretrain2-kv4 --heads 4
+    jaxpref sft --config runs/demo/runs/pretrain2/config.yaml model.name_or_path=runs/pretrain2-kv4 ...
 
 Each query head h of a group reads key-value head h // (heads / kv_heads); tiling every key-value head
 `--heads / kv_heads` times gives each group's heads the same keys and values they read before.

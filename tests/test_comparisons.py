@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpref.comparisons import ComparisonArgs, collect, pairs_from_samples
-from jaxpref.data.shapes import generate_split, judge
-from jaxpref.data.tokenizer import load_shapes_tokenizer
+from jaxpref.eval.comparisons import ComparisonArgs, collect, pairs_from_samples
+from jaxpref.tasks.shapes.scenes import generate_split, judge
+from jaxpref.tasks.shapes.tokenizer import load_shapes_tokenizer
 from jaxpref.data.writers import write_shards
 from jaxpref.eval import first_rows
 from jaxpref.models import VLM, get_preset, init_params, save_pretrained
@@ -100,7 +100,8 @@ def tiny(tmp_path_factory):
 
 def test_collect_samples_judges_and_writes_a_preference_dataset(tiny, tmp_path):
     out = tmp_path / "cmp"
-    args = ComparisonArgs(policy=str(tiny / "policy"), data=str(tiny / "prompt"), out=str(out), n=3, pairs="all",
+    args = ComparisonArgs(policy=str(tiny / "policy"), data=str(tiny / "prompt"), out=str(out), judge="shapes", n=3,
+                          pairs="all",
                           mix_from=str(tiny / "preference"), mix=6, eval_from=str(tiny / "preference"),
                           max_new_tokens=8, batch_size=8)
     stats = collect(args)
@@ -132,7 +133,8 @@ def test_the_cli_names_what_is_wrong(tiny, tmp_path):
 
     def run(*extra):
         return subprocess.run([sys.executable, "-m", "jaxpref.cli", "comparisons", "--policy", str(tiny / "policy"),
-                               "--out", str(tmp_path / "o"), "--max-new-tokens", "8", "--batch-size", "8", *extra],
+                               "--out", str(tmp_path / "o"), "--max-new-tokens", "8", "--batch-size", "8", "--judge",
+                               "shapes", *extra],
                               capture_output=True, text=True, timeout=600, env=env)
 
     # a random policy's answers all score 0: no pairs, and the message says what would add some
@@ -141,12 +143,14 @@ def test_the_cli_names_what_is_wrong(tiny, tmp_path):
     rows = [{k: v for k, v in r.items() if k != "scene"} for r in first_rows(str(tiny / "prompt"), "train", 3)]
     write_shards(iter(rows), str(tmp_path / "noscene"), num_shards=1, split="train")
     p = run("--data", str(tmp_path / "noscene"))
-    assert p.returncode == 2 and f"{tmp_path / 'noscene'} split 'train' row 0: no scene field" in p.stderr, p.stderr[-2000:]
+    # rows without the scene the judge reads: the judge returns None for them, and the row is named
+    assert p.returncode == 2 and f"{tmp_path / 'noscene'} split 'train' row 0: the judge shapes cannot score this row" \
+        in p.stderr, p.stderr[-2000:]
     # the SFT data's short questions ("what color is the shape in the center?") have no judge: named, or skipped
     write_shards(generate_split("sft", 24, seed=4, image_size=32, short_fraction=0.5), str(tmp_path / "sft"),
                  num_shards=1, split="train")
     p = run("--data", str(tmp_path / "sft"))
-    assert p.returncode == 2 and "split 'train' row " in p.stderr and "the judge cannot score this prompt" in p.stderr
+    assert p.returncode == 2 and "split 'train' row " in p.stderr and "cannot score this row" in p.stderr
     p = run("--data", str(tmp_path / "sft"), "--skip-unscorable", "--eval-num", "0", "--mix-from",
             str(tiny / "preference"), "--mix", "2", "--seed", "7", "--noise-seed", "3")
     assert p.returncode == 0, p.stderr[-2000:]

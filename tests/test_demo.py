@@ -14,15 +14,18 @@ import pytest
 import yaml
 from PIL import Image
 
-from jaxpref.demo import (PLANS, STAGES, Demo, DemoError, config_fingerprints, default_configs_dir, judge_bins,
-                          grounded_table, judge_table, make_plan, ppo_config, reusable_stages, run_demo, trainer_config,
-                          write_summary)
-from jaxpref.eval import agreement_by_question
+from jaxpref.tasks.shapes import demo as demo_module
+from jaxpref.tasks.shapes.demo import (BASE_FILES, PLANS, STAGES, Demo, DemoError, config_fingerprints,
+                                       default_configs_dir, grounded_table, judge_bins, judge_table, make_plan,
+                                       ppo_config, read_base_info, reusable_stages, run_demo, trainer_config,
+                                       write_base, write_summary)
+from jaxpref.tasks.shapes.reads import agreement_by_question
 from test_train import run_jaxpref
 
 # The quick plan shrunk to seconds: the tiny preset, 32x32 images, a handful of rows and steps, one
 # length bucket per trainer (one compile per step function).
 TINY = {
+    "base.from_scratch": True,  # the tiny preset's own tower and pretraining (the shipped base is `small`)
     "data.short_rows": 16,
     "data.sft_rows": 32, "data.preference_rows": 32, "data.prompt_rows": 16, "data.eval_rows": 8, "data.image_size": 32,
     "tower.preset": "tiny", "tower.steps": 3, "tower.batch_size": 4,
@@ -392,7 +395,7 @@ def test_plan_settings_and_trainer_configs():
     assert (ppo.output_dir, ppo.data.dataset_name, ppo.model.name_or_path, ppo.reward_model_path) == (
         "DIR/runs/ppo", "DIR/data/prompt", "DIR/runs/sft", "DIR/runs/reward")
     assert ppo.max_steps == PLANS["full"]["ppo"]["max_steps"] and ppo.kl_coef == 0.1
-    assert ppo.resume_from_checkpoint is True and ppo.response_length == 48  # the rest is configs/shapes/ppo.yaml
+    assert ppo.resume_from_checkpoint is True and ppo.response_length == 48  # the rest is jaxpref/tasks/shapes/configs/ppo.yaml
     # the ppo stage's config: the plans' implicit reward of DPO's final policy (whatever the rounds), the
     # value model from the scalar reward model; or, set to scalar, the YAML's reward model, without rounds
     stage = next(s for s in STAGES if s.name == "ppo")
@@ -419,13 +422,13 @@ def test_plan_settings_and_trainer_configs():
                                                                                "ppo.total_episodes=640"])))
     sft = next(st for st in STAGES if st.name == "sft").config(demo)
     assert sft.model.name_or_path == "DIR/runs/pretrain2" and sft.eval_steps == PLANS["full"]["sft"]["eval_steps"]
-    assert sft.model.freeze_vision  # configs/shapes/sft.yaml: the pretrained tower stays as it is
-    pre = trainer_config("sft", demo, "short", start="tower", name="pretrain")  # configs/shapes/pretrain.yaml
+    assert sft.model.freeze_vision  # jaxpref/tasks/shapes/configs/sft.yaml: the pretrained tower stays as it is
+    pre = trainer_config("sft", demo, "short", start="tower", name="pretrain")  # jaxpref/tasks/shapes/configs/pretrain.yaml
     assert (pre.output_dir, pre.data.dataset_name, pre.max_steps, pre.per_device_train_batch_size) == (
         "DIR/runs/pretrain", "DIR/data/short", PLANS["full"]["pretrain"]["max_steps"], 32)
     assert pre.model.freeze_vision and [s.name for s in STAGES if s.config is not None] == [
         "pretrain", "pretrain2", "sft", "reward", "dpo", "ppo"]
-    # the second cosine: configs/shapes/pretrain.yaml again, from the first, with its own steps and data order
+    # the second cosine: jaxpref/tasks/shapes/configs/pretrain.yaml again, from the first, with its own steps and data order
     pre2 = next(st for st in STAGES if st.name == "pretrain2").config(demo)
     assert (pre2.output_dir, pre2.model.name_or_path, pre2.data.dataset_name, pre2.max_steps, pre2.seed) == (
         "DIR/runs/pretrain2", "DIR/runs/pretrain", "DIR/data/short", 600, 43)
@@ -436,7 +439,7 @@ def test_plan_settings_and_trainer_configs():
 def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_plan_made_it(tmp_path):
     """The tower stage writes runs/tower whole before summary.json records it: a run stopped between the
     two reuses that tower (and reports the minutes its training took), unless another plan made it."""
-    from jaxpref.demo import STAGE_SECONDS, stage_tower
+    from jaxpref.tasks.shapes.demo import STAGE_SECONDS, stage_tower
 
     demo = Demo(out=str(tmp_path), plan=make_plan(True, SETS), quick=True, configs=default_configs_dir())
     first = stage_tower(demo)
@@ -453,7 +456,7 @@ def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_p
 
 
 def test_the_report_names_the_reward_ppo_was_tuned_against(tmp_path):
-    from jaxpref.demo import _ppo_reward_text
+    from jaxpref.tasks.shapes.demo import _ppo_reward_text
 
     os.makedirs(tmp_path / "runs" / "ppo")
     config = tmp_path / "runs" / "ppo" / "config.yaml"
@@ -502,3 +505,39 @@ def test_grounded_table_counts_answers_that_list_a_scene_of_two_or_more_shapes()
     assert table["sft"] == {"prompts": 3, "share": pytest.approx(1 / 3), "score_listed": 0.8, "score_other": 0.0}
     assert table["ppo"] == table["dpo"] == {"prompts": 3, "share": pytest.approx(1 / 3), "score_listed": 1.0,
                                             "score_other": pytest.approx(0.55)}  # a red square is not the circle
+
+
+def test_a_base_made_from_scratch_is_what_the_demo_starts_from(tmp_path, monkeypatch):
+    """write_base packs a from-scratch demo's pretraining (model files, jaxpref_base.json, a card naming
+    the command and commit); a demo without --from-scratch takes it for tower/pretrain/pretrain2 (their
+    recorded times, no short-question data) and its SFT starts from exactly those weights."""
+    scratch = tmp_path / "scratch"
+    run_demo(str(scratch), quick=True, sets=SETS, until="pretrain2")
+    base = tmp_path / "base"
+    info = write_base(str(scratch), str(base))
+    card = (base / "README.md").read_text()
+    assert "jaxpref demo --from-scratch --until pretrain2" in card and info["commit"] in card
+    assert read_base_info(str(base))["stages"]["tower"] == json.loads((scratch / "summary.json").read_text())[
+        "stages"]["tower"]
+    run_demo(str(tmp_path / "data-only"), quick=True, sets=SETS, until="data")
+    with pytest.raises(DemoError, match="has not finished tower, pretrain, pretrain2"):
+        write_base(str(tmp_path / "data-only"), str(tmp_path / "nope"))
+
+    monkeypatch.setattr(demo_module, "BASE_DIR", str(base))
+    out = tmp_path / "demo"
+    sets = [s for s in SETS if not s.startswith("base.")]
+    summary = run_demo(str(out), quick=True, sets=sets, until="sft")
+    for stage in ("tower", "pretrain", "pretrain2"):
+        assert summary["stages"][stage] == {"seconds": info["stages"][stage]["seconds"],
+                                            "shipped_base": info["commit"]}
+    assert summary["tower"] == info["tower"]
+    assert not (out / "data" / "short").exists() and not (out / "runs" / "tower").exists()
+    for name in BASE_FILES:
+        if (base / name).exists():
+            assert (out / "runs" / "pretrain2" / name).read_bytes() == (base / name).read_bytes()
+    sft_cfg = yaml.safe_load((out / "runs" / "sft" / "config.yaml").read_text())
+    assert sft_cfg["model"]["name_or_path"] == str(out / "runs" / "pretrain2")
+    # without a shipped base the message says how to make one
+    monkeypatch.setattr(demo_module, "BASE_DIR", str(tmp_path / "no-base"))
+    with pytest.raises(DemoError, match="no shipped base"):
+        run_demo(str(tmp_path / "demo2"), quick=True, sets=sets, until="tower")

@@ -99,7 +99,7 @@ def test_objective_matches_a_float64_reference(loss_type, weights):
 
 def test_config_checks_loss_types_and_weights():
     assert make_cfg().loss_type == ("sigmoid",) and make_cfg().beta == 0.1 and DPOConfig.learning_rate == 1e-6
-    cfg = load_config("dpo", os.path.join(ROOT, "configs/shapes/dpo.yaml"), ["loss_type=sigmoid,sft",
+    cfg = load_config("dpo", os.path.join(ROOT, "jaxpref/tasks/shapes/configs/dpo.yaml"), ["loss_type=sigmoid,sft",
                                                                            "loss_weights=1,0.2"])
     assert cfg.loss_type == ("sigmoid", "sft") and cfg.loss_weights == (1.0, 0.2)
     with pytest.raises(ConfigError, match=r"loss_type.*'nope'.*apo_down"):
@@ -132,7 +132,7 @@ def test_paligemma_completions_attend_causally():
 
     @jax.jit
     def per_token_as_prefix(params, batch):
-        from jaxpref.data.processing import concat_prompt_completion
+        from jaxpref.sequence import concat_prompt_completion
 
         seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch["chosen_ids"],
                                        batch["chosen_mask"])

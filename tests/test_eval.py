@@ -9,13 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from jaxpref.data.shapes import TIERS, generate_split, judge, parse_prompt, responses, Scene
-from jaxpref.data.tokenizer import load_shapes_tokenizer
+from jaxpref.tasks.shapes.scenes import TIERS, generate_split, judge, parse_prompt, responses, Scene
+from jaxpref.tasks.shapes.tokenizer import load_shapes_tokenizer
 from jaxpref.data.writers import write_shards
 from jaxpref.eval import EvalArgs, evaluate, summarize, win
 from jaxpref.models import VLM, get_preset, init_params, save_pretrained
@@ -38,7 +39,7 @@ def models(tmp_path_factory):
 
 def test_a_policy_against_itself_ties_everywhere(models):
     r = evaluate(EvalArgs(policy=str(models / "a"), reference=str(models / "a"), data=str(models / "prompt"),
-                          batch_size=8, max_new_tokens=8), progress=False)
+                          batch_size=8, max_new_tokens=8, judge="shapes"), progress=False)
     m = r["metrics"]
     assert m["num_prompts"] == 12 and len(r["samples"]) == 12
     assert m["win_rate"] == 0.5 and m["judge_ties"] == 1.0 and m["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -50,10 +51,10 @@ def test_another_policy_is_really_compared_and_the_cli_writes_files(models, tmp_
     env = dict(os.environ, XLA_FLAGS="")
     p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reference",
                         str(models / "b"), "--data", str(models / "prompt"), "--reward-model", str(models / "rm"),
-                        "--batch-size", "8", "--max-new-tokens", "8", "--out", str(tmp_path / "ev")],
+                        "--batch-size", "8", "--max-new-tokens", "8", "--out", str(tmp_path / "ev"), "--judge", "shapes"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "gold-judge win-rate" in p.stdout and "reward-model win-rate" in p.stdout
+    assert "judge win-rate" in p.stdout and "reward-model win-rate" in p.stdout and "no judge" not in p.stdout
     m = json.load(open(tmp_path / "ev" / "eval.json"))["metrics"]
     samples = [json.loads(line) for line in open(tmp_path / "ev" / "samples.jsonl")]
     assert len(samples) == 12 and m["kl"] != 0
@@ -103,7 +104,8 @@ def test_reward_model_accuracy_against_labels_and_the_judge(models, tmp_path):
     for noise in (0.0, 0.4):
         rows = list(generate_split("preference", 24, seed=4, image_size=32, split="eval", label_noise=noise))
         write_shards(iter(rows), str(tmp_path / f"pref{noise}"), num_shards=1, split="eval")
-        m = reward_model_accuracy(str(models / "rm"), str(tmp_path / f"pref{noise}"), batch_size=8, progress=False)
+        m = reward_model_accuracy(str(models / "rm"), str(tmp_path / f"pref{noise}"), batch_size=8, progress=False,
+                                  judge="shapes")
         agree = np.mean([judge(r["scene"], r["prompt"], r["chosen"]) > judge(r["scene"], r["prompt"], r["rejected"])
                          for r in rows])
         assert m["num_pairs"] == 24 and m["label_agreement"] == pytest.approx(agree)
@@ -117,7 +119,8 @@ def test_image_reliance_is_the_loss_with_own_and_with_other_images(models, tmp_p
     """nll_real / nll_shuffled equal the completion log-probs (the DPO/KL code path) with each row's
     image and with the previous row's; a model whose image features are constant has no gap."""
     from jaxpref.data.processing import Processor, ProcessorConfig
-    from jaxpref.eval import _completion_logps, image_reliance
+    from jaxpref.eval import image_reliance
+    from jaxpref.sequence import response_logps
     from jaxpref.models import load_pretrained
 
     write_shards(generate_split("sft", 16, seed=4, image_size=32, split="eval"), str(tmp_path / "sft"),
@@ -132,8 +135,8 @@ def test_image_reliance_is_the_loss_with_own_and_with_other_images(models, tmp_p
         b = processor.collate([processor(row) for row in rows[start:start + 8]])
         b = {k: v for k, v in b.items() if v.dtype != object}
         for name, px in (("real", b["pixel_values"]), ("shuffled", np.roll(b["pixel_values"], 1, axis=0))):
-            want[name] -= float(np.sum(_completion_logps(model, params, {**b, "pixel_values": px},
-                                                         b["completion_ids"], b["completion_mask"])))
+            want[name] -= float(np.sum(response_logps(model, params, {**b, "pixel_values": px},
+                                                      b["completion_ids"], b["completion_mask"])))
         tokens += int(b["completion_mask"].sum())
     assert r["num_rows"] == 16
     assert r["nll_real"] == pytest.approx(want["real"] / tokens, rel=1e-5)
@@ -200,8 +203,8 @@ def test_judge_agreement_against_a_pair_by_pair_count():
 
 
 def test_rows_by_question_groups_rows_by_the_question_asked():
-    from jaxpref.data.shapes import QUESTIONS, sample_prompt, sample_scene
-    from jaxpref.eval import rows_by_question
+    from jaxpref.tasks.shapes.scenes import QUESTIONS, sample_prompt, sample_scene
+    from jaxpref.tasks.shapes.reads import rows_by_question
 
     rng = np.random.default_rng(3)
     asked = ["color", "count", "color", "describe", "count", "color"]  # no locate question
@@ -218,7 +221,8 @@ def test_best_of_n_from_the_cli(models, tmp_path):
     env = dict(os.environ, XLA_FLAGS="")
     p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reference",
                         str(models / "a"), "--data", str(models / "prompt"), "--reward-model", str(models / "rm"),
-                        "--best-of", "3", "--batch-size", "8", "--max-new-tokens", "8", "--out", str(tmp_path / "bo")],
+                        "--best-of", "3", "--batch-size", "8", "--max-new-tokens", "8", "--out", str(tmp_path / "bo"),
+                        "--judge", "shapes"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "win (judge picks)" in p.stdout and "win (RM picks)" in p.stdout
@@ -236,12 +240,11 @@ def test_best_of_n_from_the_cli(models, tmp_path):
                                            [s["candidate_reward"] for s in samples], 3)
     assert out["curve"][-1]["oracle_win_rate"] == pytest.approx(oracle)
     assert out["curve"][-1]["rm_pick_win_rate"] == pytest.approx(rm_pick)
-    # the reward model's agreement with the judge on these candidates, overall and per question type
+    # the reward model's agreement with the judge on these candidates (per question type: the task's report)
     from jaxpref.eval import judge_agreement
 
-    assert out["agreement"]["all"] == {"prompts": 12, **judge_agreement([s["candidate_judge"] for s in samples],
-                                                                        [s["candidate_reward"] for s in samples])}
-    assert sum(a["prompts"] for q, a in out["agreement"].items() if q != "all") == 12
+    assert out["agreement"] == {"all": {"prompts": 12, **judge_agreement([s["candidate_judge"] for s in samples],
+                                                                         [s["candidate_reward"] for s in samples])}}
     assert "reward model agrees with the judge" in p.stdout
 
 
@@ -250,8 +253,8 @@ def test_reads_are_each_questions_greedy_answer_alone_with_its_own_image_and_the
     equals the greedy answer to that question asked alone, with its own image and with the image of the
     question before it in its batch; the scores are exact matches counted per kind; the CLI writes them."""
     from jaxpref.data.processing import Processor, ProcessorConfig
-    from jaxpref.data.shapes import short_question_kind
-    from jaxpref.eval import short_answer_reads
+    from jaxpref.tasks.shapes.scenes import short_question_kind
+    from jaxpref.tasks.shapes.reads import short_answer_reads
     from jaxpref.generate import generate
     from jaxpref.models import load_pretrained
 
@@ -282,13 +285,62 @@ def test_reads_are_each_questions_greedy_answer_alone_with_its_own_image_and_the
     assert sum(v["num"] for v in r["by_kind"].values()) == r["num_questions"] == 12
 
     env = dict(os.environ, XLA_FLAGS="")
-    p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reads",
+    p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "reads", "--policy", str(models / "a"),
                         "--num", "8", "--batch-size", "8", "--out", str(tmp_path / "reads")],
                        capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     stored = json.load(open(tmp_path / "reads" / "reads.json"))
     assert stored["num_questions"] == 8 and "samples" not in stored and "exact match" in p.stdout
     assert len(open(tmp_path / "reads" / "reads.jsonl").read().splitlines()) == 8
-    p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reads",
-                        "--reference", str(models / "b")], capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 2 and "--reads" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "jaxpref.cli", "reads", "--policy", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 2 and "nope" in p.stderr
+
+
+USER_MODULE = '''
+def exact_match(prompts, completions, solution, **kwargs):
+    """1 where the completion is the row's solution; None where the row has none."""
+    return [None if not s else float(c.strip() == s) for c, s in zip(completions, solution)]
+'''
+
+
+def test_eval_takes_a_users_module_function_and_says_when_there_is_no_judge(models, tmp_path):
+    """`--judge mypkg.rewards:exact_match` scores with the user's function and the dataset's
+    `solution` column; rows it returns None for are left out; without --judge the output says so."""
+    from jaxpref.data.sources import open_source
+
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "rewards.py").write_text(textwrap.dedent(USER_MODULE))
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = [sys.executable, "-m", "jaxpref.cli", "eval", "--policy", str(models / "a"), "--reference", str(models / "b"),
+            "--batch-size", "8", "--max-new-tokens", "8"]
+    # first without a judge: the policy's own answers, and the note
+    p = subprocess.run(base + ["--data", str(models / "prompt"), "--out", str(tmp_path / "nojudge")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "no judge given" in p.stdout and "judge win-rate" not in p.stdout
+    first = [json.loads(line) for line in open(tmp_path / "nojudge" / "samples.jsonl")]
+    assert not any("policy_judge" in s for s in first)
+    # the solution: the policy's own answer on even rows (it answers the same way again: same seeds),
+    # a text no model says on odd rows but the last, and none on the last (the function returns None)
+    src = open_source(str(models / "prompt"), "eval")
+    rows = [row for shard in range(len(src.shards)) for _, row in src.read(shard)]
+    assert len(rows) == len(first)
+    for i, (row, s) in enumerate(zip(rows, first)):
+        row["solution"] = s["policy"] if i % 2 == 0 else ("" if i == len(rows) - 1 else "zzz never said")
+    write_shards(iter(rows), str(tmp_path / "solved"), num_shards=1, split="eval")
+    p = subprocess.run(base + ["--data", str(tmp_path / "solved"), "--judge", "mypkg.rewards:exact_match", "--out",
+                               str(tmp_path / "judged")], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.load(open(tmp_path / "judged" / "eval.json"))["metrics"]
+    samples = [json.loads(line) for line in open(tmp_path / "judged" / "samples.jsonl")]
+    assert [s.get("policy_judge") for s in samples] == [
+        1.0 if i % 2 == 0 else (None if i == len(rows) - 1 else 0.0) for i in range(len(rows))]
+    assert m["judged_prompts"] == len(rows) - 1
+    want = sum(1.0 if s["policy_judge"] > s["reference_judge"] else 0.5 if s["policy_judge"] == s["reference_judge"]
+               else 0.0 for s in samples if "policy_judge" in s) / (len(rows) - 1)
+    assert m["win_rate"] == pytest.approx(want) and m["win_rate"] > 0.5
+    p = subprocess.run(base + ["--data", str(tmp_path / "solved"), "--judge", "mypkg.rewards:nothing"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 2 and "has no 'nothing'" in p.stderr

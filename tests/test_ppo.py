@@ -47,7 +47,7 @@ def test_config_defaults_and_errors():
             PPOConfig.response_length, PPOConfig.temperature, PPOConfig.num_ppo_epochs) == (
         3e-6, 0.05, 0.1, 0.2, 0.95, 53, 0.7, 4)
     assert cfg.kl_estimator == "k1" and cfg.missing_eos_penalty is None and not cfg.whiten_rewards
-    load_config("ppo", os.path.join(ROOT, "configs/shapes/ppo.yaml"))
+    load_config("ppo", os.path.join(ROOT, "jaxpref/tasks/shapes/configs/ppo.yaml"))
     assert load_config("ppo", os.path.join(ROOT, "configs/paligemma-3b/ppo_rlaif_v.yaml")).mesh.tensor == 4
     with pytest.raises(ConfigError, match="reward_model_path: is required"):
         make_cfg(reward_model_path="")
@@ -88,9 +88,9 @@ def test_implicit_reward_is_beta_times_the_dpo_policys_log_ratio_to_the_referenc
     the response tokens' log-probs at temperature 1 (not the sampling temperature), summed up to and
     including the stop token, in float64 numpy from each model's full forward; eval's reward_scores
     (its own forward passes) gives the same; missing_eos_penalty is subtracted after."""
-    from jaxpref.data.processing import concat_prompt_completion
+    from jaxpref.sequence import concat_prompt_completion
     from jaxpref.models import init_params, save_pretrained
-    from jaxpref.eval import ImplicitReward, reward_scores
+    from jaxpref.sequence import ImplicitReward, reward_scores
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     tiny = build_model(make_cfg(), "lm")

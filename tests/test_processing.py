@@ -17,10 +17,10 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from jaxpref.data.errors import BadRecordError
-from jaxpref.data.processing import (Processor, ProcessorConfig, bucket_length, concat_prompt_completion,
-                                     decode_image, pad_to, preprocess_image)
+from jaxpref.data.processing import Processor, ProcessorConfig, bucket_length, decode_image, pad_to, preprocess_image
 from jaxpref.models.config import TextConfig, VisionConfig, VLMConfig
 from jaxpref.models.presets import get_preset
+from jaxpref.sequence import concat_prompt_completion
 
 PAD, EOS, BOS, UNK, IMG = 0, 1, 2, 3, 4
 WORDS = ("what is in the image describe a red blue green circle square triangle on left right there are two "

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxpref.data.shapes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape,
+from jaxpref.tasks.shapes.scenes import (COLORS, KINDS, POSITION_WORDS, QUESTIONS, SHORT_LEAD, TIERS, Scene, Shape,
                                  corrected_pair, generate_split, judge, parse_claims, parse_prompt, render, responses,
                                  question_of, sample_prompt, sample_scene, scene_listing,
                                  scene_split)
-from jaxpref.data.tokenizer import SPECIAL_TOKENS, load_shapes_tokenizer, load_tokenizer
+from jaxpref.data.tokenizer import load_tokenizer
+from jaxpref.tasks.shapes.tokenizer import SPECIAL_TOKENS, load_shapes_tokenizer
 
 # A hand-made scene: a large red circle on the left, a small blue square on the right.
 S1 = Scene((Shape("circle", "red", "left", "large"), Shape("square", "blue", "right", "small")))
@@ -51,7 +52,7 @@ def test_render_puts_each_color_at_its_shape():
 
 
 def test_visible_shapes_marks_what_render_draws():
-    from jaxpref.data.shapes import BACKGROUND, visible_shapes
+    from jaxpref.tasks.shapes.scenes import BACKGROUND, visible_shapes
 
     rng = np.random.default_rng(3)
     for _ in range(50):
@@ -466,17 +467,8 @@ def test_tokenizer_training_script_is_deterministic():
     assert [a.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
 
 
-def test_the_facts_probe_pairs_differ_in_the_asked_fact_and_the_judge_agrees():
-    rows = _script("probe_grounding").fact_pairs(90)
-    assert {r["question"].split(",")[0] for r in rows} == {"color", "locate", "count"}
-    for r in rows:
-        scene = Scene.from_json(r["scene"])
-        assert scene_split(scene) == "eval" and r["chosen"] != r["rejected"]
-        assert judge(scene, r["prompt"], r["chosen"]) == 1.0 > judge(scene, r["prompt"], r["rejected"]), r
-
-
 def test_short_question_kind_names_the_template_of_every_short_question_and_no_task_prompt():
-    from jaxpref.data.shapes import POSITION_PHRASES, SHORT_TEMPLATES, short_question_kind
+    from jaxpref.tasks.shapes.scenes import POSITION_PHRASES, SHORT_TEMPLATES, short_question_kind
 
     rows = list(generate_split("short", 400, seed=11, image_size=16, split="eval"))
     kinds = [short_question_kind(r["prompt"]) for r in rows]

@@ -186,7 +186,7 @@ def test_writer_names_the_row_that_does_not_fit(tmp_path, fmt):
 
 
 def test_inspect_prints_schema_counts_rows_and_saves_images(tmp_path, capsys):
-    from jaxpref.data.cli import main
+    from jaxpref.cli import main
 
     write(tmp_path / "ds", "parquet", n=7, num_shards=2)
     write(tmp_path / "ds", "array_record", n=3, num_shards=1, split="eval")
@@ -232,8 +232,8 @@ def test_tfds_directory_with_tfds_default_file_names(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["parquet", "array_record"])
 def test_shapes_cli_writes_trl_datasets_and_a_card(tmp_path, fmt):
-    from jaxpref.data.cli import main
-    from jaxpref.data.shapes import generate_split
+    from jaxpref.cli import main
+    from jaxpref.tasks.shapes.scenes import generate_split
 
     out = tmp_path / "shapes"
     assert main(["data", "shapes", "--out", str(out), "--num-train", "12", "--num-eval", "3", "--num-shards", "4",

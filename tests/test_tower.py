@@ -1,4 +1,4 @@
-"""Vision-tower pretraining on the shapes task (jaxpref.train.tower): its per-patch labels against the
+"""Vision-tower pretraining on the shapes task (jaxpref.tasks.shapes.tower): its per-patch labels against the
 rendered pixels, short real runs that learn (the scene and lookup heads; the patch head), and the model
 directory it writes."""
 
@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpref.data import shapes
-from jaxpref.train.tower import ATTRIBUTES, LOOKUP_PAIRS, TowerArgs, lookup_labels, patch_labels, pretrain_tower
+from jaxpref.tasks.shapes import scenes as shapes
+from jaxpref.tasks.shapes.tower import ATTRIBUTES, LOOKUP_PAIRS, TowerArgs, lookup_labels, patch_labels, pretrain_tower
 
 
 def test_patch_labels_name_the_shape_drawn_in_each_patch():

@@ -274,7 +274,7 @@ def test_reward_step_scores_and_encodes_images_once(pooling):
     """The step's rewards equal two separate scalar-head forwards (chosen, rejected) with pixels,
     read in float64 numpy: the last attended position ("last", TRL), or the mean over the
     completion's tokens ("mean")."""
-    from jaxpref.data.processing import concat_prompt_completion
+    from jaxpref.sequence import concat_prompt_completion
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     _, model, _, state = setup("reward", mesh, score_pooling=pooling)
@@ -305,8 +305,8 @@ def test_mean_pooled_reward_model_is_saved_and_read_back_as_trained(tiny_task, t
     """score_pooling=mean lands in the exported config.json, and the readers of a reward model
     (load_pretrained, PPO's roles, eval's response_scores) score with it."""
     from jaxpref.config import PPOConfig, load_config
-    from jaxpref.data.processing import concat_prompt_completion
     from jaxpref.models import load_pretrained
+    from jaxpref.sequence import concat_prompt_completion, response_scores
     from jaxpref.train.ppo import roles_of
 
     out = tmp_path / "rm-mean"
@@ -322,7 +322,7 @@ def test_mean_pooled_reward_model_is_saved_and_read_back_as_trained(tiny_task, t
     assert roles["reward"].config.score_pooling == "mean"
 
     host = synthetic_batch(model, 3, "reward", seed=2)
-    got = reward.response_scores(model, params, host, host["chosen_ids"], host["chosen_mask"])
+    got = response_scores(model, params, host, host["chosen_ids"], host["chosen_mask"])
     seq = concat_prompt_completion(host["prompt_ids"], host["prompt_mask"], host["chosen_ids"], host["chosen_mask"])
     values = np.asarray(model.apply({"params": params}, host["pixel_values"], seq["input_ids"],
                                     seq["attention_mask"], seq["token_type_ids"]).logits, np.float64)
@@ -535,7 +535,7 @@ def test_non_finite_loss_stops_before_saving(tiny_task, tmp_path):
 RUN = """
 import sys
 from jaxpref.config import load_config
-from jaxpref.train import run_sft
+from jaxpref.train.sft import run_sft
 run_sft(load_config("sft", None, sys.argv[1:]))
 """
 

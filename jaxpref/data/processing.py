@@ -20,7 +20,6 @@ import io
 import math
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -470,24 +469,3 @@ def pad_to(seqs: Sequence[np.ndarray], length: int, pad_id: int, side: str) -> t
         cols = slice(length - len(s), length) if side == "left" else slice(0, len(s))
         ids[i, cols], mask[i, cols] = s, 1
     return ids, mask
-
-
-def concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_token_type=None):
-    """A left-padded prompt [B, Lp] and a right-padded completion [B, Lc] -> the sequence the model
-    sees, [pad.. prompt completion ..pad], as a dict of int32[B, Lp + Lc]:
-
-    input_ids, attention_mask; token_type_ids: prompt_token_type (default 0) on the prompt, 1 on
-    completion tokens, 0 on completion pads (PaliGemma's processor pads token types with 0);
-    completion_mask: 1 on completion tokens. Works on numpy and jax arrays alike.
-    """
-    xp = np if isinstance(prompt_ids, np.ndarray) else jnp
-    if prompt_token_type is None:
-        prompt_token_type = xp.zeros_like(prompt_mask)
-    cat = lambda a, b: xp.concatenate([xp.asarray(a, xp.int32), xp.asarray(b, xp.int32)], axis=1)
-    return {
-        "input_ids": cat(prompt_ids, completion_ids),
-        "attention_mask": cat(prompt_mask, completion_mask),
-        "token_type_ids": cat(prompt_token_type, completion_mask),
-        "completion_mask": cat(xp.zeros_like(prompt_mask), completion_mask),
-    }
-

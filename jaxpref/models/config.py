@@ -14,7 +14,8 @@ import math
 import os
 from typing import Any
 
-from jaxpref.config import SCORE_POOLINGS
+SCORE_POOLINGS = ("last", "mean")  # how a scalar head's per-position values become one score
+
 
 FAMILIES = ("paligemma", "llava")
 VISION_KINDS = ("siglip", "clip")

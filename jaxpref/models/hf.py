@@ -18,11 +18,13 @@ import logging
 import math
 import os
 import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ..sharding import param_shapes, param_shardings
 from .config import VLMConfig, read_hf_config, to_hf_config
 from .vlm import VLM
 
@@ -148,17 +150,6 @@ def _set(tree: dict, path, value):
     tree[path[-1]] = value
 
 
-def param_shapes(model: VLM) -> dict:
-    """The params tree of `model` as jax.ShapeDtypeStruct, without allocating anything."""
-    import flax.linen as nn
-
-    from .vlm import dummy_inputs
-
-    px, ids, mask = dummy_inputs(model.config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), px, ids, mask)["params"]
-    return nn.meta.unbox(shapes)
-
-
 # ---------------------------------------------------------------------------
 # reading safetensors
 
@@ -252,8 +243,6 @@ def load_pretrained(path: str, dtype: str = "float32", *, head: str = "lm", mesh
         if misshapen:
             lines.append(f"{len(misshapen)} tensor(s) with the wrong shape for config.json: " + "; ".join(misshapen[:10]))
         raise CheckpointError(f"{path}: " + "\n".join(lines))
-
-    from ..sharding import param_shardings  # local import: sharding imports models
 
     shardings = param_shardings(model, mesh) if mesh is not None else None
     params: dict = {}

@@ -104,6 +104,11 @@ class VLM(nn.Module):
     remat: bool = False  # rematerialise each layer in the backward pass
     freeze_vision: bool = False  # no gradient into the vision tower (its features are stop_gradient)
 
+    @nn.nowrap
+    def example_inputs(self, batch: int = 1, seq: int | None = None):
+        """dummy_inputs(self.config, batch, seq): what init, eval_shape and jaxpref.sharding call."""
+        return dummy_inputs(self.config, batch, seq)
+
     def setup(self):
         c = self.config
         if self.head not in HEADS:

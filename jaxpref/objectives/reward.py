@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpref.config import SCORE_POOLINGS
+from jaxpref.models.config import SCORE_POOLINGS
 
 from . import Stats, masked_max, masked_min, masked_sum
 

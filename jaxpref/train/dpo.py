@@ -1,6 +1,6 @@
 """DPO for VLMs (TRL's DPOTrainer): the policy against a frozen reference, on preference pairs.
 
-    jaxpref dpo --config configs/shapes/dpo.yaml [key=value ...]
+    jaxpref dpo --config jaxpref/tasks/shapes/configs/dpo.yaml [key=value ...]
 
 One forward pass per micro-batch: each pair's images are encoded once, then prompt + chosen and
 prompt + rejected run interleaved on the batch axis (rows 2i and 2i + 1 are pair i, so every
@@ -30,18 +30,17 @@ import numpy as np
 
 from jaxpref.config import ConfigError, DPOConfig
 from jaxpref.data.errors import BadRecordError
-from jaxpref.data.processing import Processor, ProcessorConfig, concat_prompt_completion
+from jaxpref.data.processing import Processor, ProcessorConfig
 from jaxpref.data.sources import Source, assign_shards, open_source
 from jaxpref.data.tokenizer import load_tokenizer
 from jaxpref.models import VLM
 from jaxpref.objectives.dpo import completion_logps, dpo_objective
+from jaxpref.sequence import pair_forward
 from jaxpref.sharding import make_mesh, param_shardings
 from jaxpref.train.checkpoint import gather_json
 from jaxpref.train.loop import (Task, build_model, device_batch, load_params, model_config, pad_rows, run,
                                 tokenizer_spec)
-from jaxpref.train.reward import count_tokens, interleave
-from jaxpref.train.sft import images
-from jaxpref.train.state import cast_floats
+from jaxpref.train.reward import count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +53,9 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def pair_logits(params, batch: dict, *, model: VLM):
-    """The model's logits over both sequences of every pair, and the sequence they score.
-
-    batch: prompt_ids/prompt_mask int32[B, Lp] (left-padded), chosen_/rejected_ids and _mask
-    int32[B, Lc] (right-padded), pixel_values float32[B, n, H, W, 3]. Returns (logits [2B, T, V],
-    seq: input_ids, attention_mask, token_type_ids, completion_mask int32[2B, T]), rows interleaved.
-    """
-    variables = {"params": cast_floats(params, model.dtype)}
-    px = images(batch)
-    features = None if px is None else model.apply(variables, px, method=VLM.encode_images)  # [B, n, N, E]
-    chosen, rejected = (concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch[f"{c}_ids"],
-                                                 batch[f"{c}_mask"]) for c in ("chosen", "rejected"))
-    seq = {k: interleave(chosen[k], rejected[k]) for k in chosen}
-    logits = model.apply(variables, None, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"],
-                         image_features=None if features is None else jnp.repeat(features, 2, axis=0)).logits
-    return logits, seq
+    """The model's logits over both sequences of every pair, and the sequence they score
+    (jaxpref.sequence.pair_forward: logits [2B, T, V], rows interleaved)."""
+    return pair_forward(model, params, batch)
 
 
 def reference_logps(ref_params, batch: dict, *, model: VLM):

@@ -1,7 +1,7 @@
 """PPO for VLMs (TRL's PPOTrainer semantics, extended to images): policy + value model trained,
 reference + reward model frozen, images flowing through all four.
 
-    jaxpref ppo --config configs/shapes/ppo.yaml [key=value ...]
+    jaxpref ppo --config jaxpref/tasks/shapes/configs/ppo.yaml [key=value ...]
 
 One training step is one PPO iteration, compiled as ONE jitted program:
   1. rollout: the KV-cache sampler (jaxpref.generate) draws a response of up to response_length
@@ -22,9 +22,9 @@ reward_model_path, as TRL initialises it), reference = ref_model (default: the p
 weights), reward = reward_model_path. Frozen roles are held in `frozen_dtype`.
 
 Evaluation (every eval_steps, on the first eval_num_prompts rows of dataset_test_split): the
-policy and the reference each sample a response per prompt; logged as eval_win_rate (gold judge,
-ties 1/2), eval_judge_score, eval_reward (reward model), eval_rm_win_rate, eval_kl, and the samples
-go to output_dir/samples/step-N.jsonl. Where the reward rises and the judge score does not, the
+policy and the reference each sample a response per prompt; logged as eval_reward (reward model),
+eval_rm_win_rate, eval_kl and, with a `judge` (jaxpref.rewards), eval_win_rate (ties 1/2) and
+eval_judge_score; the samples go to output_dir/samples/step-N.jsonl. Where the reward rises and the judge score does not, the
 policy is exploiting the reward model; the report shows both.
 """
 
@@ -43,17 +43,20 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref.config import ConfigError, PPOConfig
-from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
-from jaxpref.generate import TEMPERATURE_EPS, _generate
+from jaxpref.data.processing import ProcessorConfig
+from jaxpref.data.tokenizer import load_tokenizer
+from jaxpref.eval.evaluate import EvalArgs, compare, first_rows, summarize
+from jaxpref.generate import generate_tokens
 from jaxpref.models import VLM
-from jaxpref.models.hf import param_shapes
 from jaxpref.objectives.ppo import advantages_and_returns, masked_mean, ppo_losses
-from jaxpref.sharding import logical_to_spec, param_shardings
-from jaxpref.train.loop import Steps, Task, batch_shards, load_params, model_config, run
+from jaxpref import rewards
+from jaxpref.sequence import (ImplicitReward, cast_floats, images, implicit_reward, response_logits,
+                              response_logprobs, response_scores, token_logprobs)
+from jaxpref.sharding import logical_to_spec, make_mesh, param_shapes, param_shardings
+from jaxpref.train.loop import Steps, Task, batch_shards, load_params, model_config, run, tokenizer_spec
+from jaxpref.train.loop import export as export_model
 from jaxpref.train.optim import make_optimizer, make_schedule
-from jaxpref.train.reward import response_scores
-from jaxpref.train.sft import images
-from jaxpref.train.state import BATCH_AXES, batch_sharding, cast_floats, state_shardings
+from jaxpref.train.state import BATCH_AXES, batch_sharding, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -69,48 +72,21 @@ class Roles:
 
 
 # ---------------------------------------------------------------------------
-# forward passes over prompt + response
-
-
-def _sequence(batch: dict, responses, response_mask):
-    return concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
-
-
-def response_logits(model: VLM, params, batch: dict, responses, response_mask):
-    """The head's output at the positions predicting each response token: [B, T, ...] (logits
-    for an LM head, values for a scalar head), i.e. sequence positions ctx-1 .. ctx+T-2."""
-    seq = _sequence(batch, responses, response_mask)
-    out = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
-                      seq["attention_mask"], seq["token_type_ids"]).logits
-    lp = batch["prompt_ids"].shape[1]
-    return out[:, lp - 1:lp - 1 + responses.shape[1]]
-
-
-def token_logprobs(logits, responses, temperature: float | None):
-    """(log-probs float32[B, T] of the response tokens under logits / (temperature + 1e-7), or the
-    logits as they are when temperature is None; entropy float32[B, T] of that distribution)."""
-    logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits if temperature is None else logits / (temperature + TEMPERATURE_EPS), axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return jnp.take_along_axis(logp, responses[..., None], axis=-1)[..., 0], entropy
-
-
-def response_logprobs(model: VLM, params, batch, responses, response_mask, temperature: float):
-    """token_logprobs of the response under `model` at `temperature`."""
-    return token_logprobs(response_logits(model, params, batch, responses, response_mask), responses, temperature)
+# scoring
 
 
 def scores(roles: Roles, frozen, batch: dict, responses, response_mask, ref_logits, cfg: PPOConfig):
     """The reward model's score float32[B] of each response: TRL's scalar head (reward_model_type
     "scalar"), or DPO's implicit reward ("implicit"): implicit_reward_beta x the summed log-ratio of
     the reward model (a DPO policy) to the reference at temperature 1, the reference's logits reused
-    from the KL term (jaxpref.eval.reward_scores computes the same from its own forward passes)."""
+    from the KL term (jaxpref.sequence.reward_scores computes the same from its own forward passes)."""
     if cfg.reward_model_type == "scalar":
         return response_scores(roles.reward, frozen["reward"], batch, responses, response_mask)
     rm, _ = token_logprobs(response_logits(roles.reward, frozen["reward"], batch, responses, response_mask),
                            responses, None)
     ref, _ = token_logprobs(ref_logits, responses, None)
-    return cfg.implicit_reward_beta * jnp.sum((rm - ref) * response_mask, axis=1)
+    return implicit_reward(jnp.sum(rm * response_mask, axis=1), jnp.sum(ref * response_mask, axis=1),
+                           cfg.implicit_reward_beta)
 
 
 # ---------------------------------------------------------------------------
@@ -134,11 +110,11 @@ def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_s
     stops = stop_ids(cfg, mc.eos_token_id)
     px = images(batch)
     tt = jnp.zeros_like(batch["prompt_mask"]) if mc.prefix_lm else None
-    gen = _generate(roles.policy, cast_floats(params["policy"], roles.policy.dtype),
-                    None if px is None else px.astype(roles.policy.dtype), batch["prompt_ids"], batch["prompt_mask"],
-                    tt, key, jnp.arange(b, dtype=jnp.int32), jnp.float32(cfg.temperature), None,
-                    jnp.asarray(stops, jnp.int32), jnp.int32(mc.pad_token_id), max_new_tokens=cfg.response_length,
-                    top_k=0, greedy=False, cache_sharding=cache_sharding)
+    gen = generate_tokens(roles.policy, cast_floats(params["policy"], roles.policy.dtype),
+                          None if px is None else px.astype(roles.policy.dtype), batch["prompt_ids"],
+                          batch["prompt_mask"], tt, key, jnp.arange(b, dtype=jnp.int32), jnp.float32(cfg.temperature),
+                          None, jnp.asarray(stops, jnp.int32), jnp.int32(mc.pad_token_id),
+                          max_new_tokens=cfg.response_length, top_k=0, greedy=False, cache_sharding=cache_sharding)
     responses = gen.tokens  # pad after the first stop token already (the sampler stops there)
     response_mask = (jnp.cumsum(responses == mc.pad_token_id, axis=1) == 0).astype(jnp.int32)
     ref_logits = response_logits(roles.ref, frozen["ref"], batch, responses, response_mask)
@@ -312,8 +288,6 @@ def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int)
         return {r: load_params(paths[r], models[r], cfg.model.dtype, mesh, cfg.seed) for r in trained}
 
     def export(params, tokenizer):
-        from jaxpref.train.loop import export as export_model
-
         export_model(policy, params["policy"], tokenizer, cfg)  # output_dir: the policy, as every trainer
         value_cfg = dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, "value_model"))
         export_model(models["value"], params["value"], tokenizer, value_cfg)
@@ -328,10 +302,6 @@ def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int)
 def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh):
     """params -> eval metrics: the policy against the reference on held-out prompts (jaxpref.eval),
     samples written to output_dir/samples/step-N.jsonl."""
-    from jaxpref.data.tokenizer import load_tokenizer
-    from jaxpref.eval import EvalArgs, ImplicitReward, compare, first_rows, summarize
-    from jaxpref.train.loop import tokenizer_spec
-
     rows = list(first_rows(cfg.data.dataset_name, cfg.data.dataset_test_split, cfg.eval_num_prompts))
     tokenizer = load_tokenizer(tokenizer_spec(cfg))
     args = EvalArgs(policy="", reference="", data=cfg.data.dataset_name, max_new_tokens=cfg.response_length,
@@ -340,9 +310,14 @@ def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh
     reward = (models["reward"], frozen["reward"])
     if cfg.reward_model_type == "implicit":
         reward = ImplicitReward(*reward, models["ref"], frozen["ref"], beta=cfg.implicit_reward_beta)
+    try:
+        judge = rewards.resolve(cfg.judge) if cfg.judge else None
+    except ValueError as e:
+        raise ConfigError(f"judge: {e}") from None
 
     def host_eval(params, step: int) -> dict:
-        samples = compare((policy, params["policy"]), (models["ref"], frozen["ref"]), reward, rows, tokenizer, args)
+        samples = compare((policy, params["policy"]), (models["ref"], frozen["ref"]), reward, rows, tokenizer, args,
+                          judge=judge)
         if jax.process_index() == 0:
             out = os.path.join(cfg.output_dir, "samples")
             os.makedirs(out, exist_ok=True)
@@ -362,8 +337,6 @@ TASK = Task(head="lm", processor_config=processor_config, make_loss=None, count_
 def run_ppo(cfg: PPOConfig) -> dict[str, float]:
     """Trains per cfg; the policy lands in cfg.output_dir, the value model in output_dir/value_model."""
     if cfg.total_episodes is not None and cfg.max_steps <= 0:
-        from jaxpref.sharding import make_mesh
-
         rows = step_rows(cfg, make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
         cfg = dataclasses.replace(cfg, max_steps=math.ceil(cfg.total_episodes / rows))
     return run(TASK, cfg)

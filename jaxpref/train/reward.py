@@ -2,7 +2,7 @@
 backbone, scored at the last token of prompt + completion (TRL's reading; `score_pooling: mean`
 averages the head over the completion's tokens instead), trained on preference pairs.
 
-    jaxpref reward --config configs/shapes/reward.yaml [key=value ...]
+    jaxpref reward --config jaxpref/tasks/shapes/configs/reward.yaml [key=value ...]
 
 Chosen and rejected go through ONE forward pass, interleaved on the batch axis (rows 2i and
 2i + 1 are pair i, so each device keeps its own pairs), and each pair's images are encoded once.
@@ -17,45 +17,20 @@ from functools import partial
 import jax.numpy as jnp
 
 from jaxpref.config import RewardConfig
-from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
+from jaxpref.data.processing import ProcessorConfig
 from jaxpref.models import VLM
 from jaxpref.models.config import VLMConfig
 from jaxpref.objectives.reward import pooled_scores, reward_loss
+from jaxpref.sequence import pair_forward
 from jaxpref.train.loop import Task, run
-from jaxpref.train.sft import images
-from jaxpref.train.state import cast_floats
-
-
-def interleave(a, b):
-    """[B, ...] and [B, ...] -> [2B, ...] with rows a0, b0, a1, b1, ..."""
-    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
 
 
 def rewards(params, batch: dict, *, model: VLM):
     """(r_chosen float32[B], r_rejected float32[B]) for a preference batch: prompt_ids/prompt_mask
     int32[B, Lp], chosen_/rejected_ids and _mask int32[B, Lc], pixel_values float32[B, n, H, W, 3]."""
-    variables = {"params": cast_floats(params, model.dtype)}
-    px = images(batch)
-    features = None if px is None else model.apply(variables, px, method=VLM.encode_images)  # [B, n, N, E]
-    chosen, rejected = (concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch[f"{c}_ids"],
-                                                 batch[f"{c}_mask"]) for c in ("chosen", "rejected"))
-    seq = {k: interleave(chosen[k], rejected[k])
-           for k in ("input_ids", "attention_mask", "token_type_ids", "completion_mask")}
-    values = model.apply(variables, None, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"],
-                         image_features=None if features is None else jnp.repeat(features, 2, axis=0)).logits
+    values, seq = pair_forward(model, params, batch)
     r = pooled_scores(values.astype(jnp.float32), seq, model.config.score_pooling).reshape(-1, 2)
     return r[:, 0], r[:, 1]
-
-
-def response_scores(model: VLM, params, batch: dict, responses, response_mask):
-    """The reward model's score float32[B] of prompt + response (PPO's scores, jaxpref eval's
-    rewards), read as the model's config.score_pooling says (TRL: the last non-pad token):
-    prompt_ids/prompt_mask int32[B, Lp] (left-padded), responses, response_mask int32[B, T]
-    (right-padded), pixel_values float32[B, n, H, W, 3]."""
-    seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], responses, response_mask)
-    values = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
-                         seq["attention_mask"], seq["token_type_ids"]).logits
-    return pooled_scores(values.astype(jnp.float32), seq, model.config.score_pooling)
 
 
 def loss_fn(params, batch: dict, *, model: VLM, center_rewards_coefficient: float | None):

@@ -1,7 +1,7 @@
 """SFT for VLMs (TRL's SFTTrainer on prompt-completion data): next-token cross-entropy on the
 completion tokens only, images in the prompt.
 
-    jaxpref sft --config configs/shapes/sft.yaml [key=value ...]
+    jaxpref sft --config jaxpref/tasks/shapes/configs/sft.yaml [key=value ...]
 
 The model sees [image tokens, prompt | completion] (jaxpref.data.processing layouts); PaliGemma
 attends bidirectionally within the prefix and causally over the completion (token_type_ids).
@@ -14,27 +14,18 @@ from functools import partial
 import jax.numpy as jnp
 
 from jaxpref.config import SFTConfig
-from jaxpref.data.processing import ProcessorConfig, concat_prompt_completion
+from jaxpref.data.processing import ProcessorConfig
 from jaxpref.models import VLM
 from jaxpref.objectives.sft import sft_loss
+from jaxpref.sequence import forward
 from jaxpref.train.loop import Task, run
-from jaxpref.train.state import cast_floats
-
-
-def images(batch: dict):
-    """pixel_values float32[B, n, H, W, 3], or None for text-only rows (n = 0)."""
-    px = batch["pixel_values"]
-    return px if px.shape[1] else None
 
 
 def loss_fn(params, batch: dict, *, model: VLM):
     """(loss_sum, Stats) of one micro-batch: prompt_ids/prompt_mask int32[B, Lp] (left-padded),
     completion_ids/completion_mask int32[B, Lc] (right-padded), pixel_values, valid float32[B].
     Params are cast to the model's (compute) dtype."""
-    seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                                   batch["completion_mask"])
-    logits = model.apply({"params": cast_floats(params, model.dtype)}, images(batch), seq["input_ids"],
-                         seq["attention_mask"], seq["token_type_ids"]).logits
+    logits, seq = forward(model, params, batch, batch["completion_ids"], batch["completion_mask"])
     return sft_loss(logits, seq["input_ids"], seq["attention_mask"], seq["completion_mask"], batch["valid"])
 
 

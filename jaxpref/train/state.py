@@ -34,11 +34,6 @@ class TrainState:
     rng: Any  # uint32[2]: raw key data (jax.random.wrap_key_data), for algorithms that sample
 
 
-def cast_floats(tree, dtype):
-    """Floating leaves of `tree` as `dtype` (bf16 compute from f32 master params)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable, tx: optax.GradientTransformation,
                schedule: Callable, count_tokens: Callable) -> tuple[TrainState, dict]:
     """One optimizer step on `batch` (dict of arrays [A, B, ...]: A micro-batches of B rows).

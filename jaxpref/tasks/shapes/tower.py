@@ -2,7 +2,7 @@
 SigLIP tower a real PaliGemma comes with.
 
     jaxpref tower --out runs/tower [--preset small] [--steps 2400] [--batch-size 64] [--learning-rate 2e-3]
-    jaxpref sft --config configs/shapes/pretrain.yaml model.name_or_path=runs/tower   # then sft.yaml from its output
+    jaxpref sft --config jaxpref/tasks/shapes/configs/pretrain.yaml model.name_or_path=runs/tower   # then sft.yaml from its output
 
 Linear heads, dropped afterwards, train the tower on scenes drawn fresh each step from the task's
 train split:
@@ -14,7 +14,7 @@ train split:
          that "where is the red circle?" and "what color is the square?" are linear reads of the
          mean token instead of a search over the columns (lookup_weight; 0 turns it off). The tower
          learns it fully (1.000 held-out), but the decoder pretrained on it did not answer those
-         questions any better (demo-s16, docs/TRAINING.md).
+         questions any better (docs/SHAPES.md).
   patch  from each image token: the kind, color, size and column of the shape covering its patch
          ("none" on the background), at patch_weight (0.3; 0 turns it off). It keeps each shape's
          facts in the tokens of its own patches, beside the scene everywhere: what the decoder's
@@ -37,9 +37,22 @@ import shutil
 import sys
 import time
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from PIL import Image
+from tqdm import tqdm
 
-from jaxpref.data import shapes
+from jaxpref.data.processing import preprocess_image
+from jaxpref.data.tokenizer import load_tokenizer
+from jaxpref.models import VLM, get_preset
+from jaxpref.models.hf import save_pretrained
+from jaxpref.models.vision import VisionEncoder
+from jaxpref.models.vlm import dummy_inputs
+
+from jaxpref.tasks.shapes import scenes as shapes
 
 ATTRIBUTES = {"kind": ("none",) + shapes.KINDS, "color": ("none",) + tuple(shapes.COLORS),
               "size": ("none",) + shapes.SIZES, "column": ("none",) + shapes.POSITIONS}
@@ -116,20 +129,6 @@ def scene_labels(scene: shapes.Scene) -> np.ndarray:
 def pretrain_tower(args: TowerArgs, progress: bool = True) -> dict:
     """Trains the tower and writes args.output_dir (see the module docstring). Returns tower.json's
     contents: held-out accuracies of the heads (patch_accuracy only with a patch head), and seconds."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from PIL import Image
-    from tqdm import tqdm
-
-    from jaxpref.data.processing import preprocess_image
-    from jaxpref.data.tokenizer import load_tokenizer
-    from jaxpref.models import VLM, get_preset
-    from jaxpref.models.hf import save_pretrained
-    from jaxpref.models.vision import VisionEncoder
-    from jaxpref.models.vlm import dummy_inputs
-
     if os.path.exists(os.path.join(args.output_dir, "config.json")):
         raise FileExistsError(f"{args.output_dir} already holds a model: choose another --out or remove it")
     cfg = get_preset(args.preset)

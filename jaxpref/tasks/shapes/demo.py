@@ -4,24 +4,24 @@
     jaxpref demo --quick --out runs/demo-quick     # the quick plan (~8 min)
     jaxpref demo --quick --set sft.max_steps=50 --set eval.num=32     # change the plan: STAGE.KEY=VALUE
 
-    from jaxpref.demo import run_demo
+    from jaxpref.tasks.shapes.demo import run_demo
     summary = run_demo("runs/demo-quick", quick=True, sets=["ppo.max_steps=5"])
 
 Stages (STAGES, in order), each a call into the code its own command runs:
 
-  data     the shapes datasets (jaxpref.data.shapes.generate_split) -> DIR/data/{short,sft,preference,prompt}
-  tower    a vision tower pretrained on the scenes (jaxpref.train.tower)   -> DIR/runs/tower
-  pretrain configs/shapes/pretrain.yaml (SFT on short questions), from DIR/runs/tower -> DIR/runs/pretrain
+  data     the shapes datasets (jaxpref.tasks.shapes.scenes.generate_split) -> DIR/data/{short,sft,preference,prompt}
+  tower    a vision tower pretrained on the scenes (jaxpref.tasks.shapes.tower)   -> DIR/runs/tower
+  pretrain jaxpref/tasks/shapes/configs/pretrain.yaml (SFT on short questions), from DIR/runs/tower -> DIR/runs/pretrain
   pretrain2  the same config again from DIR/runs/pretrain: a second cosine from the peak rate, a fresh
            AdamW state and another data order (plan: pretrain2.seed) -> DIR/runs/pretrain2
-  sft      configs/shapes/sft.yaml + the plan, from DIR/runs/pretrain2 -> DIR/runs/sft
+  sft      jaxpref/tasks/shapes/configs/sft.yaml + the plan, from DIR/runs/pretrain2 -> DIR/runs/sft
   comparisons  SFT's own answers to the train prompts, judged with label noise and paired
-           (jaxpref.comparisons.collect)                            -> DIR/data/comparisons
-  reward   configs/shapes/reward.yaml, from DIR/runs/sft on data/comparisons -> DIR/runs/reward
-  dpo      configs/shapes/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo; with
+           (jaxpref.eval.comparisons.collect)                            -> DIR/data/comparisons
+  reward   jaxpref/tasks/shapes/configs/reward.yaml, from DIR/runs/sft on data/comparisons -> DIR/runs/reward
+  dpo      jaxpref/tasks/shapes/configs/dpo.yaml, from DIR/runs/sft on data/comparisons    -> DIR/runs/dpo; with
            comparisons.dpo_rounds > 1, more rounds, each from the last on comparisons of its own answers
            (paired comparisons.round_pairs, comparisons.round_steps steps)
-  ppo      configs/shapes/ppo.yaml, from DIR/runs/sft against the implicit reward of DIR/runs/dpo
+  ppo      jaxpref/tasks/shapes/configs/ppo.yaml, from DIR/runs/sft against the implicit reward of DIR/runs/dpo
            (ppo.reward_model_type=implicit, both plans; with scalar: DIR/runs/reward), the value model
            from DIR/runs/reward (ppo_config) -> DIR/runs/ppo; then comparisons.ppo_rounds rounds of
            iterated RLHF: comparisons of PPO's own answers, one more DPO round on them, PPO resumed
@@ -31,7 +31,7 @@ Stages (STAGES, in order), each a call into the code its own command runs:
            -> DIR/eval/{reward_model,dpo,ppo,best_of_n,reads/<model>}/
   report   DIR/report.md, DIR/img/*.png, DIR/examples.html
 
-A trainer stage's config is its YAML file (configs/shapes/<stage>.yaml) read by
+A trainer stage's config is its YAML file (jaxpref/tasks/shapes/configs/<stage>.yaml) read by
 jaxpref.config.load_config (what `jaxpref sft --config F key=value` does) with the demo's paths and
 the plan's entries for that stage as key=value overrides. PLANS holds the two plans' step and row
 counts; `--set STAGE.KEY=VALUE` changes one entry (a trainer stage takes any config key, e.g.
@@ -68,33 +68,48 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
 from typing import Any, Callable
 
 import numpy as np
+import yaml
+from PIL import Image
 
-# On a 2-core CPU (docs/BENCHMARKS.md), compile time included: full ~1 h 30 min (session 29's runs/s29/main2:
-# tower 18 min, pretrain 19, pretrain2 10 (those three from session 28), SFT 9, comparisons 1, reward 2,
-# DPO's rounds 13, PPO and its rounds 16, eval 3), quick ~8 min (8.3 alone in session 28, 2.2 of it PPO with
-# its one round; 12.7 in session 26, before the 2x faster training step).
+from jaxpref.config import ConfigError, load_config, to_dict
+from jaxpref.eval import (EvalArgs, evaluate, evaluate_best_of_n, first_rows, image_reliance, reward_model_accuracy,
+                          win, write, write_best_of_n)
+from jaxpref.eval.comparisons import PAIRINGS, ComparisonArgs, collect, format_stats
+from jaxpref.plots import plot_ppo, plot_reward_model, pyplot, save
+from jaxpref.tasks.shapes.data import write_shapes
+from jaxpref.tasks.shapes.reads import agreement_by_question, rows_by_question, short_answer_reads, write_reads
+from jaxpref.tasks.shapes.scenes import Scene, names_every_shape, question_of
+from jaxpref.tasks.shapes.tower import TowerArgs, format_result, pretrain_tower
+from jaxpref.train.checkpoint import CHECKPOINTS, complete_steps
+from jaxpref.train.cli import RUNNERS
+from jaxpref.train.logging import read_metrics
+from jaxpref.train.loop import NonFiniteError, RunError
+
+# Stage times on a 2-core CPU: docs/RESULTS.md and docs/BENCHMARKS.md.
 # `data`: train rows per dataset kind and eval rows of each, and the SFT rows' mix: `sft_short_fraction` short
-# questions, `sft_grounded_fraction` of the good color/locate answers listing the scene (docs/SHAPES.md; in
-# runs/s29/main2 they took PPO from 0.713 to 0.782 against SFT, docs/TRAINING.md); trainer stages: config
+# questions, `sft_grounded_fraction` of the good color/locate answers listing the scene (docs/SHAPES.md);
+# trainer stages: config
 # overrides (any key of that trainer's config); `eval`: held-out prompts (0: every eval row), best-of-n's
 # largest n (0: none) and the held-out short questions each model answers (`reads`,
 # jaxpref.eval.short_answer_reads; 0: none).
 PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
+        # from_scratch false: the tower and pretraining stages take the shipped base (BASE_DIR) instead of running
+        "base": {"from_scratch": False},
         "data": {"short_rows": 38400, "sft_rows": 5000, "preference_rows": 2000, "prompt_rows": 1500,
                  "eval_rows": 300, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
                  "corrected_fraction": 0.5, "sft_grounded_fraction": 0.5, "seed": 0},
         "tower": {"preset": "small", "steps": 2400, "batch_size": 64, "learning_rate": 2e-3, "lookup_weight": 1.0,
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 1200, "eval_steps": 400, "save_steps": 200},
-        # a second cosine (docs/TRAINING.md "What is left: the backbone's reads"): it read better than 1 800
-        # steps on one (session 25); in runs/s28/main it lifted "color of the X" 0.73 -> 0.81, not "where is"
+        # a second cosine from the peak rate: the held-out reads were better than after 1 800 steps on one
         "pretrain2": {"max_steps": 600, "eval_steps": 300, "save_steps": 100, "seed": 43},
         "sft": {"max_steps": 800, "eval_steps": 400, "save_steps": 200},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
@@ -106,6 +121,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 8, "reads": 1024},
     },
     "quick": {
+        "base": {"from_scratch": False},
         "data": {"short_rows": 1600, "sft_rows": 1500, "preference_rows": 600, "prompt_rows": 300,
                  "eval_rows": 100, "image_size": 64, "label_noise": 0.1, "sft_short_fraction": 0.3,
                  "corrected_fraction": 0.5, "sft_grounded_fraction": 0.5, "seed": 0},
@@ -134,6 +150,14 @@ DATA_STAGES = ("comparisons",)  # datasets made by a stage of their own (DIR/dat
 NUM_EXAMPLES = 8  # held-out prompts in the example grid
 
 
+# The pretrained base shipped with the task: `jaxpref demo --from-scratch --until pretrain2` then
+# scripts/make_shapes_base.py (its README.md says the command, data, seed and commit). Without
+# --from-scratch the tower, pretrain and pretrain2 stages take it instead of running.
+BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "base")
+BASE_INFO = "jaxpref_base.json"  # in BASE_DIR: what the base's stages measured and how long they took
+PRETRAINING = ("tower", "pretrain", "pretrain2")  # the stages the shipped base stands for (pretrain2: its model)
+BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+JUDGE = "shapes"  # the task's gold judge (jaxpref.tasks.shapes.judge), the raters and the evaluator
 STAGE_SECONDS = "_stage_seconds"  # a stage's result may name its own time (the tower's, when reused)
 
 
@@ -148,7 +172,7 @@ class Demo:
     out: str
     plan: dict
     quick: bool
-    configs: str  # the directory of the trainers' YAML files (configs/shapes)
+    configs: str  # the directory of the trainers' YAML files (jaxpref/tasks/shapes/configs)
     summary: dict = dataclasses.field(default_factory=dict)
 
     def path(self, *parts: str) -> str:
@@ -178,11 +202,10 @@ class Stage:
 def trainer_config(kind: str, demo: Demo, data: str, start: str | None = None, reward_model: str | None = None,
                    name: str | None = None, extra: dict | None = None, yaml: str | None = None):
     """The config of trainer stage `name` (default: `kind`), which runs trainer `kind` (sft, reward, dpo,
-    ppo): configs/shapes/<yaml or name>.yaml through jaxpref.config.load_config with overrides
+    ppo): jaxpref/tasks/shapes/configs/<yaml or name>.yaml through jaxpref.config.load_config with overrides
     output_dir=DIR/runs/<name>, data.dataset_name=DIR/data/<data>, model.name_or_path=DIR/runs/<start>
     (when given), reward_model_path=DIR/runs/<reward_model> (when given), resume_from_checkpoint=true,
     then the plan's entries for the stage, then `extra` (paths given as they are)."""
-    from jaxpref.config import load_config
 
     name = name or kind
     overrides = {"output_dir": demo.path("runs", name), "data.dataset_name": demo.path("data", data),
@@ -211,12 +234,11 @@ def trainer(kind: str, data: str, start: str | None = None, reward_model: str | 
             name: str | None = None, config: Callable[[Demo], Any] | None = None,
             needs: tuple[str, ...] = (), yaml: str | None = None) -> Stage:
     """A stage `name` (default: `kind`) running jaxpref.train.RUNNERS[kind] on trainer_config(kind, ...)
-    (configs/shapes/<yaml or name>.yaml), or on `config(demo)` when given (reading the stages `needs` too)."""
+    (jaxpref/tasks/shapes/configs/<yaml or name>.yaml), or on `config(demo)` when given (reading the stages `needs` too)."""
     name = name or kind
     config = config or (lambda demo: trainer_config(kind, demo, data, start, reward_model, name, yaml=yaml))
 
     def run(demo: Demo):
-        from jaxpref.train import RUNNERS
 
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
         RUNNERS[kind](config(demo))
@@ -244,7 +266,7 @@ def dpo_round_dir(demo: Demo, r: int) -> str:
 
 
 def ppo_config(demo: Demo, extra: dict | None = None):
-    """configs/shapes/ppo.yaml from DIR/runs/sft against DIR/runs/reward; with reward_model_type
+    """jaxpref/tasks/shapes/configs/ppo.yaml from DIR/runs/sft against DIR/runs/reward; with reward_model_type
     "implicit" (both plans), against the implicit reward of DPO's final policy DIR/runs/dpo (every
     DPO round's comparisons; docs/TRAINING.md measures it against DPO's first round), the value model
     starting from DIR/runs/reward. `extra`: overrides after those (PPO's rounds: their reward model and
@@ -322,7 +344,6 @@ def dpo_rounds_stage() -> Stage:
         return paths(demo, r - 1)[2], os.path.join(root, f"comparisons-{r}"), out
 
     def run(demo: Demo) -> dict:
-        from jaxpref.train import RUNNERS
 
         logging.getLogger("absl").setLevel(logging.WARNING)
         rounds = demo.plan["comparisons"]["dpo_rounds"]
@@ -378,7 +399,6 @@ def ppo_rounds_stage() -> Stage:
     base = trainer("ppo", data="prompt", start="sft", reward_model="reward", config=ppo_config, needs=("dpo",))
 
     def run(demo: Demo) -> dict:
-        from jaxpref.train import RUNNERS
 
         logging.getLogger("absl").setLevel(logging.WARNING)
         c = demo.plan["comparisons"]
@@ -429,7 +449,6 @@ def _with_round_keys(section: str, keys: tuple[str, ...]) -> Callable[[dict], di
 
 
 def _has_checkpoints(output_dir: str) -> bool:
-    from jaxpref.train.checkpoint import CHECKPOINTS, complete_steps
 
     return bool(complete_steps(os.path.join(output_dir, CHECKPOINTS)))
 
@@ -440,7 +459,6 @@ def _has_checkpoints(output_dir: str) -> bool:
 
 def stage_data(demo: Demo):
     """The shapes datasets in TRL's schema: DIR/data/<kind>/ with train and eval splits (parquet)."""
-    from jaxpref.data.cli import write_shapes
 
     p = demo.plan["data"]
     splits = {kind: [("train", p[f"{kind}_rows"]), ("eval", p["eval_rows"])] for kind in _kinds_to_write(demo)}
@@ -450,9 +468,84 @@ def stage_data(demo: Demo):
 
 
 def _kinds_to_write(demo: Demo) -> list[str]:
-    """The dataset kinds the data stage generates: all but those --reuse copied."""
+    """The dataset kinds the data stage generates: all but those --reuse copied (and the short questions,
+    which only the pretraining stages read, when the shipped base stands for them)."""
     reused = demo.summary.get("reused", {}).get("parts", [])
-    return [kind for kind in DATA_KINDS if f"data/{kind}" not in reused]
+    return [kind for kind in DATA_KINDS if f"data/{kind}" not in reused
+            and (kind != "short" or demo.plan["base"]["from_scratch"])]
+
+
+def read_base_info(base: str | None = None) -> dict:
+    """BASE_DIR/jaxpref_base.json (or `base`'s): the command, commit and plan that made the base, its stages'
+    seconds and results (the tower's accuracies)."""
+    base = base or BASE_DIR
+    path = os.path.join(base, BASE_INFO)
+    if not os.path.exists(path):
+        raise DemoError(f"no shipped base in {base} (missing {BASE_INFO}): run `jaxpref demo --from-scratch`, "
+                        f"or make one with scripts/make_shapes_base.py")
+    with open(path) as f:
+        return json.load(f)
+
+
+def take_base(demo: Demo, stage: str) -> dict:
+    """The shipped base in place of a pretraining stage: pretrain2's model is BASE_DIR's (linked or
+    copied into DIR/runs/pretrain2); tower and pretrain make nothing. Returns the stage's summary entry."""
+    info = read_base_info()
+    if stage == "pretrain2":
+        out = demo.path("runs", "pretrain2")
+        os.makedirs(out, exist_ok=True)
+        for name in BASE_FILES:
+            if os.path.exists(os.path.join(BASE_DIR, name)) and not os.path.exists(os.path.join(out, name)):
+                _link_or_copy(os.path.join(BASE_DIR, name), os.path.join(out, name))
+    if stage == "tower" and "tower" in info:
+        demo.summary["tower"] = info["tower"]
+    return {"seconds": info["stages"][stage]["seconds"], "shipped_base": info["commit"]}
+
+
+def write_base(demo_dir: str, out: str | None = None, command: str = "jaxpref demo --from-scratch --until pretrain2"):
+    """The base a from-scratch demo made (DIR/runs/pretrain2 and summary.json), as BASE_DIR holds it: the
+    model files, jaxpref_base.json and a model card naming the command, data, seed and commit."""
+    out = out or BASE_DIR
+    summary = read_summary(demo_dir)
+    missing = [s for s in PRETRAINING if s not in summary.get("stages", {})]
+    if missing:
+        raise DemoError(f"{demo_dir} has not finished {', '.join(missing)}: run `{command} --out {demo_dir}` first")
+    if not summary["plan"]["base"]["from_scratch"]:
+        raise DemoError(f"{demo_dir} took its pretraining from the shipped base; make a base with --from-scratch")
+    repo = os.path.dirname(os.path.abspath(__file__))
+    commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    os.makedirs(out, exist_ok=True)
+    for name in BASE_FILES:
+        src = os.path.join(demo_dir, "runs", "pretrain2", name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out, name))
+    plan = {k: summary["plan"][k] for k in ("data",) + PRETRAINING}
+    info = {"command": command, "commit": commit, "plan": plan, "tower": summary.get("tower", {}),
+            "stages": {s: summary["stages"][s] for s in ("data",) + PRETRAINING}}
+    with open(os.path.join(out, BASE_INFO), "w") as f:
+        json.dump(info, f, indent=2)
+    seconds = sum(info["stages"][s]["seconds"] for s in PRETRAINING)
+    card = [
+        "---", "library_name: jaxpref", "tags: [jaxpref, shapes, vision-language]", "---", "",
+        "# shapes base: the built-in task's pretrained VLM", "",
+        "The `small` preset (a SigLIP-style vision tower, a linear projector and a Gemma-style decoder, "
+        "4.9 M parameters, float32) pretrained on jaxpref's built-in `shapes` task: the vision tower on the "
+        "scenes (`jaxpref tower`), then the decoder on short questions about them (two cosine cycles of "
+        "`jaxpref/tasks/shapes/configs/pretrain.yaml`). `jaxpref demo` starts its SFT from it; it stands in "
+        "for the pretrained VLM a real RLHF run starts from.", "",
+        f"Made with `{command}` at commit {commit} on a 2-core CPU ({seconds / 60:.0f} min of stages), then "
+        "`scripts/make_shapes_base.py`. `jaxpref demo --from-scratch` reproduces it.", "",
+        "| stage | plan | seconds |", "|---|---|---|",
+        *[f"| {s} | `{json.dumps(plan[s])}` | {info['stages'][s]['seconds']:.0f} |" for s in ("data",) + PRETRAINING],
+        "", f"Data: `jaxpref data shapes` rows as the plan's data entry says (seed {plan['data']['seed']}); "
+        f"the tower's scenes are drawn fresh from seed {plan['tower']['seed']}.", "",
+        f"Held-out tower accuracies: `{json.dumps(info['tower'])}`.", "",
+        "Load it with `jaxpref.models.load_pretrained(DIR)` or transformers' `PaliGemmaForConditionalGeneration`; "
+        "its tokenizer is the task's (`data.tokenizer: shapes`).", ""]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(card))
+    return info
 
 
 def _describe_data(demo: Demo) -> str:
@@ -463,7 +556,6 @@ def _describe_data(demo: Demo) -> str:
 
 def stage_tower(demo: Demo) -> dict:
     """The vision tower pretrained on the task's scenes (`jaxpref tower`), the start of SFT."""
-    from jaxpref.train.tower import TowerArgs, format_result, pretrain_tower
 
     p, out = demo.plan["tower"], demo.path("runs", "tower")
     if os.path.exists(os.path.join(out, "tower.json")):  # written, but the run stopped before summary.json
@@ -490,19 +582,18 @@ def _describe_tower(demo: Demo) -> str:
 
 def stage_comparisons(demo: Demo) -> dict:
     """The SFT model's own answers, scored by the gold judge with label noise (the raters) and paired
-    (jaxpref.comparisons): DIR/data/comparisons, on which the reward model and DPO train; its eval split
+    (jaxpref.eval.comparisons): DIR/data/comparisons, on which the reward model and DPO train; its eval split
     is the generator's held-out pairs (data/preference), so the reward model's accuracy keeps its meaning."""
     return {"comparisons": collect_comparisons(demo, demo.path("runs", "sft"), demo.path("data", "comparisons"))}
 
 
 def collect_comparisons(demo: Demo, policy: str, out: str, round_: int = 1) -> dict:
-    """jaxpref.comparisons.collect of `policy`'s answers with the plan's `comparisons` settings into
+    """jaxpref.eval.comparisons.collect of `policy`'s answers with the plan's `comparisons` settings into
     `out`, the eval split copied from data/preference; round r > 1 (DPO's later rounds) samples with
     seed + 1000 (r - 1) and noise seed r - 1 and pairs `round_pairs`. Prints and returns the train split's counts."""
-    from jaxpref.comparisons import ComparisonArgs, collect, format_stats
 
     c, data = demo.plan["comparisons"], demo.path("data", "preference")
-    stats = collect(ComparisonArgs(policy=policy, data=demo.path("data", c["prompts"]), out=out, n=c["n"],
+    stats = collect(ComparisonArgs(policy=policy, data=demo.path("data", c["prompts"]), out=out, judge=JUDGE, n=c["n"],
                                    pairs=c["pairs"] if round_ == 1 else c["round_pairs"],
                                    label_noise=c["label_noise"], num=c["num"] or None,
                                    eval_from=data, mix_from=data if c["mix"] else None, mix=c["mix"],
@@ -538,12 +629,10 @@ def _describe_comparisons(demo: Demo) -> str:
 def stage_eval(demo: Demo) -> dict:
     """The reward model's held-out accuracy, and DPO and PPO against SFT (jaxpref.eval), written to
     DIR/eval/<name>/; returns summary.json's result entries."""
-    from jaxpref.eval import (EvalArgs, evaluate, evaluate_best_of_n, image_reliance, reward_model_accuracy,
-                              short_answer_reads, write, write_best_of_n, write_reads)
 
     p = demo.plan["eval"]
     rm = reward_model_accuracy(demo.path("runs", "reward"), demo.path("data", "preference"), "eval", num=None,
-                               batch_size=p["batch_size"])
+                               batch_size=p["batch_size"], judge=JUDGE)
     os.makedirs(demo.path("eval", "reward_model"), exist_ok=True)
     with open(demo.path("eval", "reward_model", "eval.json"), "w") as f:
         json.dump({"metrics": rm}, f, indent=2)
@@ -553,7 +642,7 @@ def stage_eval(demo: Demo) -> dict:
         r = evaluate(EvalArgs(policy=demo.path("runs", method), reference=demo.path("runs", "sft"),
                               data=demo.path("data", "prompt"), reward_model=demo.path("runs", "reward"),
                               num=p["num"] if p["num"] > 0 else None, max_new_tokens=p["max_new_tokens"],
-                              batch_size=p["batch_size"]))
+                              batch_size=p["batch_size"], judge=JUDGE))
         write(r, demo.path("eval", method))
         m, samples = r["metrics"], r["samples"]
         out[method] = {"win_rate": m["win_rate"], "judge_score": m["judge_score"], "kl": m["kl"],
@@ -567,7 +656,8 @@ def stage_eval(demo: Demo) -> dict:
         r = evaluate_best_of_n(EvalArgs(policy=demo.path("runs", "sft"), reference=demo.path("runs", "sft"),
                                         data=demo.path("data", "prompt"), reward_model=demo.path("runs", "reward"),
                                         num=p["num"] if p["num"] > 0 else None, max_new_tokens=p["max_new_tokens"],
-                                        batch_size=p["batch_size"]), p["best_of"])
+                                        batch_size=p["batch_size"], judge=JUDGE), p["best_of"])
+        r["agreement"] = agreement_by_question(r["samples"])  # per question type of the task
         write_best_of_n(r, demo.path("eval", "best_of_n"))
         out["best_of_n"] = r["curve"]
     rows = min(256, demo.plan["data"]["eval_rows"] // p["batch_size"] * p["batch_size"])
@@ -587,7 +677,6 @@ def stage_eval(demo: Demo) -> dict:
 
 def _win_se(samples: list[dict], score: str) -> float:
     """One standard error of a win-rate (ties 1/2) over prompts."""
-    from jaxpref.eval import win
 
     w = np.array([win(s[f"policy_{score}"], s[f"reference_{score}"]) for s in samples])
     return float(w.std(ddof=1) / math.sqrt(len(w))) if len(w) > 1 else float("nan")
@@ -663,7 +752,6 @@ def make_plan(quick: bool = False, sets=()) -> dict:
 
 
 def _check_comparisons(c: dict):
-    from jaxpref.comparisons import PAIRINGS
 
     checks = [("prompts", c["prompts"] in ("prompt", "sft"), "prompt or sft (the dataset whose prompts are answered)"),
               ("pairs", c["pairs"] in PAIRINGS, " or ".join(PAIRINGS)), ("n", c["n"] >= 2, ">= 2"),
@@ -692,13 +780,12 @@ def _typed(value: str, old, item: str):
 
 
 def default_configs_dir() -> str:
-    """configs/shapes of the repository jaxpref runs from, else of the working directory."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for d in (os.path.join(repo, "configs", "shapes"), os.path.join("configs", "shapes")):
-        if os.path.isdir(d):
-            return d
-    raise DemoError(f"no configs/shapes directory in {repo} or the working directory: pass --configs DIR "
-                    f"(the directory holding sft.yaml, reward.yaml, dpo.yaml and ppo.yaml)")
+    """The trainers' YAML files shipped with the task (jaxpref/tasks/shapes/configs)."""
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    if not os.path.isdir(d):
+        raise DemoError(f"no {d}: pass --configs DIR (the directory holding sft.yaml, reward.yaml, dpo.yaml and "
+                        f"ppo.yaml)")
+    return d
 
 
 def stage_plan(plan: dict, stage: Stage) -> dict | None:
@@ -710,7 +797,6 @@ def config_fingerprints(demo: Demo) -> dict[str, str]:
     """{trainer stage: a hash of its full config with DIR replaced by a placeholder}: equal exactly when
     the YAML files and the plan give the same configs (wherever DIR is). Builds (validates) every
     trainer config, so a bad setting fails before any stage runs."""
-    from jaxpref.config import ConfigError, to_dict
 
     placeholder = dataclasses.replace(demo, out="<out>")
     out = {}
@@ -892,6 +978,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, sets=(), configs: str 
             if stage.name == "data" and parts:
                 print(f"{head}: reused from {reuse}: {', '.join(p for p in parts if p.startswith('data/'))}",
                       flush=True)
+        if stage.name in PRETRAINING and not demo.plan["base"]["from_scratch"]:
+            summary["stages"][stage.name] = take_base(demo, stage.name)
+            write_summary(out, summary)
+            print(f"{head}: the shipped base ({BASE_DIR}, made by `{read_base_info()['command']}` in "
+                  f"{_duration(summary['stages'][stage.name]['seconds'])}); --from-scratch runs it", flush=True)
+            continue
         print(f"{head}: {stage.describe(demo)}", flush=True)
         t0 = time.perf_counter()
         result = dict(stage.run(demo) or {})
@@ -961,7 +1053,6 @@ def hacking_cases(samples: list[dict]) -> list[dict]:
 
 def _image_bytes(out: str, num: int) -> list[bytes]:
     """PNG bytes of the first `num` held-out prompts (eval samples' `index` is the row's position)."""
-    from jaxpref.eval import first_rows
 
     return [row["images"][0]["bytes"] for row in first_rows(os.path.join(out, "data", "prompt"), "eval", num)]
 
@@ -1001,7 +1092,6 @@ def judge_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
     """The judge's scores before (SFT: the reference's responses, the same in every comparison) and after
     (each of METHODS), overall and per question type of the task: {"all" | question: {"prompts": n,
     "sft": scores, method: scores, f"{method}_win": win-rate vs SFT (ties 1/2), f"{method}_ties": ...}}."""
-    from jaxpref.eval import rows_by_question, win
 
     ref = samples[METHODS[0]]
     for m in METHODS:  # row i of every comparison must be the same held-out prompt
@@ -1021,7 +1111,6 @@ def judge_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
 
 def plot_judge_scores(table: dict, path: str) -> str:
     """Bars: the fraction of held-out prompts in each judge-score bin for SFT and each tuned policy."""
-    from jaxpref.plots import pyplot, save
 
     fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
     names = ["sft"] + list(METHODS)
@@ -1043,7 +1132,6 @@ def plot_judge_scores(table: dict, path: str) -> str:
 def plot_win_rates(summary: dict, path: str) -> str:
     """Bars: DPO's and PPO's win-rates against SFT by the gold judge and by the reward model (ties 1/2),
     with one standard error and the 0.5 line."""
-    from jaxpref.plots import pyplot, save
 
     fig, ax = pyplot().subplots(figsize=(5, 3.6))
     names = [m for m in METHODS if m in summary]
@@ -1067,9 +1155,7 @@ def plot_win_rates(summary: dict, path: str) -> str:
 
 def plot_examples(rows: list[dict], path: str) -> str:
     """A grid: one held-out prompt per row, its image, and the SFT / DPO / PPO responses with judge scores."""
-    from PIL import Image
 
-    from jaxpref.plots import pyplot, save
 
     n = max(1, len(rows))
     fig, axes = pyplot().subplots(n, 2, figsize=(12, 1.75 * n), squeeze=False,
@@ -1133,8 +1219,6 @@ it above SFT's response; red: below.</p>
 def write_report(out: str) -> str:
     """DIR/report.md, DIR/img/{reward_model,ppo,win_rates,judge_scores,examples}.png and DIR/examples.html, from the
     files the earlier stages wrote (summary.json, runs/*/metrics.jsonl, eval/*/samples.jsonl)."""
-    from jaxpref.plots import plot_ppo, plot_reward_model
-    from jaxpref.train.logging import read_metrics
 
     summary = read_summary(out)
     plan, rm = summary["plan"], summary["reward_model"]
@@ -1299,10 +1383,9 @@ READ_KINDS = {"where_is": "where is the X", "color_of": "color of the X", "color
 
 def grounded_table(samples: dict[str, list[dict]]) -> dict[str, dict]:
     """On the color and locate prompts about scenes of two or three shapes: how often each model's answer
-    names every shape (jaxpref.data.shapes.names_every_shape: a grounded answer, the scene listed) and the
+    names every shape (jaxpref.tasks.shapes.scenes.names_every_shape: a grounded answer, the scene listed) and the
     judge's mean score of the answers that do and of those that do not: {"sft" | method: {"prompts": n,
     "share": s, "score_listed": x, "score_other": y}} (a score None when no answer falls there)."""
-    from jaxpref.data.shapes import Scene, names_every_shape, question_of
 
     ref = samples[METHODS[0]]
     picked = [i for i, s in enumerate(ref) if question_of(s["prompt"]) in ("color", "locate")
@@ -1353,8 +1436,8 @@ def _reads_lines(summary: dict) -> list[str]:
              "the words alone get right). The judge's locate and color questions need the first two reads, unless the "
              "answer lists the scene (above). "
              "Preference tuning teaches the decoder to use the reads it has, not new ones, so on locate and color "
-             "questions these limit what DPO and PPO can win (docs/TRAINING.md, \"What is left: the backbone's "
-             "reads\"). Every answer: `eval/reads/<model>/reads.jsonl`.", "",
+             "questions these limit what DPO and PPO can win (docs/RESULTS.md, \"What the numbers mean, and their "
+             "limits\"). Every answer: `eval/reads/<model>/reads.jsonl`.", "",
              "| model | all | " + " | ".join(f"{READ_KINDS[k]} ({first['by_kind'][k]['num']})" for k in kinds)
              + " | all, another image |", "|---" * (3 + len(kinds)) + "|"]
     for name, r in reads.items():
@@ -1376,7 +1459,6 @@ def _comparisons_what(summary: dict, plan: dict) -> str:
 def _ppo_reward_text(out: str, reward_model: str | None = None) -> str:
     """What PPO was tuned against, from runs/ppo/config.yaml: `runs/reward`, or DPO's implicit reward;
     `reward_model` (relative to `out`): the one its first iterations used, when its rounds changed it."""
-    import yaml
 
     with open(os.path.join(out, "runs", "ppo", "config.yaml")) as f:
         cfg = yaml.safe_load(f)
@@ -1410,7 +1492,6 @@ def _agreement_lines(out: str) -> list[str]:
     """Per question type: how often the reward model orders two of SFT's answers as the judge does:
     the eval stage's eval/best_of_n/best_of_n.json, or for demos evaluated before it stored the
     agreement, jaxpref.eval.agreement_by_question over best_of_n.jsonl."""
-    from jaxpref.eval import agreement_by_question
 
     stored, path = (os.path.join(out, "eval", "best_of_n", f) for f in ("best_of_n.json", "best_of_n.jsonl"))
     agreement = None
@@ -1539,7 +1620,10 @@ def add_demo_parser(subparsers):
                               description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the quick plan (~8 min on a 2-core CPU) instead of the full one (~1 h 35 min)")
+                   help="the quick plan: shorter stages that show the pipeline working, too noisy to read much into")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="run the tower and decoder pretraining stages too (about 40 min on a 2-core CPU) instead of "
+                        "starting from the shipped base they made (base.from_scratch=true)")
     p.add_argument("--out", default="runs/demo",
                    help="output directory; re-running with it resumes (default: runs/demo)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
@@ -1549,7 +1633,7 @@ def add_demo_parser(subparsers):
                    help="another demo's output directory: its finished stages that this plan runs the same way "
                         "(same settings, and the same for every stage they read) are copied, not re-run")
     p.add_argument("--configs", default=None,
-                   help="directory of the trainers' YAML configs (default: the repository's configs/shapes)")
+                   help="directory of the trainers' YAML configs (default: jaxpref/tasks/shapes/configs)")
     p.add_argument("--until", default=None, metavar="STAGE",
                    help=f"stop once STAGE has finished ({', '.join(s.name for s in STAGES)}); not part of "
                         f"the plan: re-running without it goes on")
@@ -1557,12 +1641,10 @@ def add_demo_parser(subparsers):
 
 
 def _main(args) -> int:
-    from jaxpref.config import ConfigError
-    from jaxpref.train.loop import NonFiniteError, RunError
 
     try:
-        run_demo(args.out, quick=args.quick, sets=args.sets, configs=args.configs, reuse=args.reuse,
-                 until=args.until)
+        sets = args.sets + (["base.from_scratch=true"] if args.from_scratch else [])
+        run_demo(args.out, quick=args.quick, sets=sets, configs=args.configs, reuse=args.reuse, until=args.until)
     except (DemoError, ConfigError) as e:
         print(f"jaxpref demo: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,15 @@
-"""Comparisons of a policy's own answers, labeled by the gold judge: the preference data RLHF collects.
+"""Comparisons of a policy's own answers, labeled by a judge: the preference data RLHF collects.
 
     jaxpref comparisons --policy runs/demo/runs/sft --data runs/demo/data/prompt --out data/comparisons \
-                        [--n 4] [--pairs best-worst|best-rest|all] [--label-noise 0.1] [--num 1500]
-    jaxpref reward --config configs/shapes/reward.yaml data.dataset_name=data/comparisons ...
+                        --judge shapes [--n 4] [--pairs best-worst|best-rest|all] [--label-noise 0.1] [--num 1500]
+    jaxpref reward --config jaxpref/tasks/shapes/configs/reward.yaml data.dataset_name=data/comparisons ...
 
-    from jaxpref.comparisons import ComparisonArgs, collect
-    stats = collect(ComparisonArgs(policy="runs/sft", data="data/prompt", out="data/comparisons"))
+    from jaxpref.eval.comparisons import ComparisonArgs, collect
+    stats = collect(ComparisonArgs(policy="runs/sft", data="data/prompt", out="data/comparisons", judge="shapes"))
 
 For every prompt of a split the policy samples `n` answers (`jaxpref eval --best-of`'s sampler:
-seeds seed, seed+1, ... seed+n-1, temperature 0.7), the gold judge (jaxpref.data.shapes.judge, the
-built-in task's stand-in for human raters) scores each, and the answers become pairs:
+seeds seed, seed+1, ... seed+n-1, temperature 0.7), the judge (a reward function of jaxpref.rewards,
+e.g. `shapes`, the built-in task's stand-in for human raters) scores each, and the answers become pairs:
 
   best-worst  the best answer against the worst (one pair per prompt; the default)
   best-rest   the best against every distinct answer that scores lower
@@ -22,7 +22,7 @@ pairs of the policy's own answers: what a reward model must rank when it scores 
 with `eval_from`, another preference dataset's eval split is copied (to keep a reward model's held-out
 accuracy comparable with earlier runs). `mix_from` + `mix` append the first `mix` train rows of another
 preference dataset (e.g. the generator's corrections) to the train split. Rows are TRL's preference
-schema (images, prompt, chosen, rejected) with the scene, written as parquet shards with a dataset
+schema (images, prompt, chosen, rejected) with the rows' other scalar columns (the scene), written as parquet shards with a dataset
 card; `out/samples.jsonl` holds every answer and its score, `out/comparisons.json` the counts.
 """
 
@@ -37,6 +37,12 @@ import time
 
 import numpy as np
 
+from jaxpref import rewards
+from jaxpref.data.tokenizer import load_tokenizer
+from jaxpref.data.writers import write_shards
+from jaxpref.eval.evaluate import EvalArgs, best_of_n, first_rows, load_model
+from jaxpref.sharding import make_mesh
+
 PAIRINGS = ("best-worst", "best-rest", "all")
 
 
@@ -45,9 +51,11 @@ class ComparisonArgs:
     policy: str
     """The policy whose answers are compared (a Hugging Face model directory, e.g. the SFT model)."""
     data: str
-    """Prompts with scenes (the built-in task's prompt or SFT datasets: any rows with prompt, images, scene)."""
+    """Prompts (with the columns the judge reads: the built-in task's prompt or SFT datasets hold the scene)."""
     out: str
     """The preference dataset to write (train and eval splits)."""
+    judge: str | None = None
+    """The judge labeling the answers (required): a registered name (`shapes`) or module:function."""
     n: int = 4
     """Answers sampled per prompt."""
     pairs: str = "best-worst"
@@ -64,7 +72,7 @@ class ComparisonArgs:
     """A preference dataset whose first `mix` train rows are added to the train split."""
     mix: int = 0
     skip_unscorable: bool = False
-    """Leave out rows whose prompt the judge cannot score (the SFT data's short questions) instead of failing."""
+    """Leave out rows the judge cannot score (it returns None: the SFT data's short questions) instead of failing."""
     seed: int = 1000
     """Sampling seed: answer j uses seed + j (jaxpref eval's comparisons use 0)."""
     noise_seed: int = 0
@@ -78,7 +86,7 @@ def pairs_from_samples(rows: list[dict], samples: list[dict], label_noise: float
                        pairs: str = "best-worst") -> tuple[list[dict], int]:
     """Preference rows from scored answers: per row, `samples[i]` holds "answers" and their "judge"
     scores. Returns (pairs, swapped): the rows in TRL's preference schema (images, prompt, chosen,
-    rejected, scene) and how many of them label noise swapped."""
+    rejected, and the row's other scalar columns, e.g. scene) and how many of them label noise swapped."""
     if pairs not in PAIRINGS:
         raise ValueError(f"pairs must be one of {', '.join(PAIRINGS)}, got {pairs!r}")
     if not 0.0 <= label_noise <= 1.0:
@@ -91,8 +99,14 @@ def pairs_from_samples(rows: list[dict], samples: list[dict], label_noise: float
                 chosen, rejected = rejected, chosen
                 swapped += 1
             out.append({"images": row["images"], "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
-                        "scene": row["scene"]})
+                        **_extra_columns(row)})
     return out, swapped
+
+
+def _extra_columns(row: dict) -> dict:
+    """The row's scalar columns a pair keeps (the judge's inputs, e.g. the scene)."""
+    return {k: v for k, v in row.items() if k not in ("images", "prompt", "chosen", "rejected", "completion")
+            and isinstance(v, (str, int, float, bool))}
 
 
 def _pairings(answers: list[str], scores: list[float], pairs: str) -> list[tuple[str, str]]:
@@ -113,13 +127,12 @@ def _pairings(answers: list[str], scores: list[float], pairs: str) -> list[tuple
 
 
 def sample_answers(model, rows: list[dict], tokenizer, args: ComparisonArgs, desc: str) -> list[dict]:
-    """`args.n` answers per row from `model` ((VLM, params)), scored by the gold judge: per row
+    """`args.n` answers per row from `model` ((VLM, params)), scored by `args.judge`: per row
     {"prompt", "answers", "judge"}."""
-    from jaxpref.eval import EvalArgs, best_of_n
-
     ea = EvalArgs(policy=args.policy, reference=args.policy, data=args.data, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
-    res = best_of_n(model, model, None, rows, tokenizer, ea, args.n - 1, progress=True, desc=desc)
+    res = best_of_n(model, model, None, rows, tokenizer, ea, args.n - 1, progress=True, desc=desc,
+                    judge=rewards.resolve(args.judge))
     return [{"prompt": s["prompt"], "answers": [s["reference"]] + s["candidates"],
              "judge": [s["reference_judge"]] + s["candidate_judge"]} for s in res["samples"]]
 
@@ -127,11 +140,9 @@ def sample_answers(model, rows: list[dict], tokenizer, args: ComparisonArgs, des
 def collect(args: ComparisonArgs) -> dict:
     """Samples, scores and pairs the answers of `args.policy` on both splits of `args.data` and writes
     the preference dataset `args.out`; returns the counts (also in out/comparisons.json)."""
-    from jaxpref.data.tokenizer import load_tokenizer
-    from jaxpref.data.writers import write_shards
-    from jaxpref.eval import first_rows, load_model
-    from jaxpref.sharding import make_mesh
-
+    if not args.judge:
+        raise ValueError("comparisons need a judge to label the answers (--judge NAME or module:function)")
+    judge = rewards.resolve(args.judge)
     if args.n < 2:
         raise ValueError(f"comparisons need n >= 2 answers per prompt, got {args.n}")
     if args.pairs not in PAIRINGS:
@@ -145,7 +156,7 @@ def collect(args: ComparisonArgs) -> dict:
     if args.eval_from is None and args.eval_num != 0:
         splits.append(("eval", args.eval_num))
     # every split's rows checked before the model loads and anything is sampled or written
-    checked = {split: _prompt_rows(args.data, split, num, args.skip_unscorable) for split, num in splits}
+    checked = {split: _prompt_rows(args.data, split, num, judge, args.skip_unscorable) for split, num in splits}
     model = load_model(args.policy, "lm", make_mesh(1, -1, 1), "--policy")
     tokenizer = load_tokenizer(args.policy)
     stats: dict = {"args": dataclasses.asdict(args)}
@@ -165,7 +176,7 @@ def collect(args: ComparisonArgs) -> dict:
             if split == "train" and args.mix:
                 mixed = list(first_rows(args.mix_from, "train", args.mix))
                 stats[split]["mixed"] = len(mixed)
-                keys = ("images", "prompt", "chosen", "rejected", "scene")
+                keys = {"images", "prompt", "chosen", "rejected", *_extra_columns(rows[0])}
                 pairs += [{k: r[k] for k in keys if k in r} for r in mixed]
                 # the mixed pairs spread through the shards, not at their ends
                 order = np.random.default_rng(args.noise_seed).permutation(len(pairs))
@@ -184,24 +195,24 @@ def collect(args: ComparisonArgs) -> dict:
     return stats
 
 
-def _prompt_rows(data: str, split: str, num: int | None, skip_unscorable: bool = False) -> tuple[list[dict], int]:
+def _prompt_rows(data: str, split: str, num: int | None, judge: rewards.RewardFunction,
+                 skip_unscorable: bool = False) -> tuple[list[dict], int]:
     """The rows to answer, checked before any sampling: (rows, how many were skipped because the judge
-    cannot score their prompt, e.g. the SFT data's short questions)."""
-    from jaxpref.data.shapes import Scene, parse_prompt
-    from jaxpref.eval import _prompt_text, first_rows
-
-    rows, skipped = [], 0
-    for i, r in enumerate(first_rows(data, split, num)):
-        missing = [k for k in ("prompt", "images", "scene") if k not in r]
+    cannot score them, i.e. returns None for an empty answer: e.g. the SFT data's short questions)."""
+    all_rows = list(first_rows(data, split, num))
+    for i, r in enumerate(all_rows):
+        missing = [k for k in ("prompt", "images") if k not in r]
         if missing:
             raise ValueError(f"{data} split {split!r} row {i}: no {', '.join(missing)} field (comparisons need "
-                             f"the built-in task's rows: prompt, images and the scene the judge reads)")
-        try:
-            parse_prompt(Scene.from_json(r["scene"]), _prompt_text(r["prompt"]))
-        except ValueError as e:
+                             f"prompt and images, and the columns the judge reads)")
+    scorable = rewards.score(judge, all_rows, [""] * len(all_rows))
+    rows, skipped = [], 0
+    for i, (r, sc) in enumerate(zip(all_rows, scorable)):
+        if sc is None:
             if not skip_unscorable:
-                raise ValueError(f"{data} split {split!r} row {i}: the judge cannot score this prompt ({e}); "
-                                 f"skip_unscorable (--skip-unscorable) leaves such rows out") from None
+                raise ValueError(f"{data} split {split!r} row {i}: the judge {rewards.name_of(judge)} cannot score "
+                                 f"this row ({rewards.text_of(r['prompt'])!r}); skip_unscorable (--skip-unscorable) "
+                                 f"leaves such rows out")
             skipped += 1
             continue
         rows.append(r)
@@ -229,10 +240,13 @@ def format_stats(stats: dict) -> str:
 
 def add_comparisons_parser(subparsers):
     p = subparsers.add_parser("comparisons",
-                              help="preference pairs from a policy's own answers, labeled by the gold judge",
+                              help="preference pairs from a policy's own answers, labeled by a judge",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="policy model directory (e.g. the SFT model)")
-    p.add_argument("--data", required=True, help="prompts with scenes (e.g. runs/demo/data/prompt)")
+    p.add_argument("--data", required=True, help="prompts (e.g. runs/demo/data/prompt)")
+    p.add_argument("--judge", required=True, metavar="NAME|module:function",
+                   help="the judge labeling the answers: a registered name (shapes: the built-in task's gold judge) "
+                        "or a reward function module:function (jaxpref.rewards)")
     p.add_argument("--out", required=True, help="the preference dataset to write")
     p.add_argument("--n", type=int, default=4, help="answers per prompt (default 4)")
     p.add_argument("--pairs", default="best-worst", choices=PAIRINGS,
@@ -255,7 +269,7 @@ def add_comparisons_parser(subparsers):
 
 
 def _main(args) -> int:
-    ca = ComparisonArgs(policy=args.policy, data=args.data, out=args.out, n=args.n, pairs=args.pairs,
+    ca = ComparisonArgs(policy=args.policy, data=args.data, out=args.out, judge=args.judge, n=args.n, pairs=args.pairs,
                         label_noise=args.label_noise, num=args.num or None,
                         eval_num=None if args.eval_num < 0 else args.eval_num, eval_from=args.eval_from,
                         mix_from=args.mix_from, mix=args.mix, skip_unscorable=args.skip_unscorable, seed=args.seed,

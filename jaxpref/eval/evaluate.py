@@ -1,17 +1,18 @@
-"""Evaluation of a policy against a reference on held-out prompts: gold-judge win-rate, reward-model
+"""Evaluation of a policy against a reference on held-out prompts: judge win-rate, reward-model
 win-rate, mean judge score, response length, KL to the reference, and the samples themselves.
 
-    jaxpref eval --policy runs/shapes-dpo --reference runs/shapes-sft --data data/shapes/prompt \
-                 [--split eval] [--num 200] [--reward-model runs/shapes-rm] [--out runs/eval-dpo]
-    jaxpref eval --reward-model runs/shapes-rm --data data/shapes/preference --num 0   # its pairwise accuracy
-    jaxpref eval --policy runs/shapes-sft --reads [--num 1024] [--out DIR]   # what it reads off the image
+    jaxpref eval --policy runs/demo/runs/dpo --reference runs/demo/runs/sft --data runs/demo/data/prompt \
+                 --judge shapes [--split eval] [--num 200] [--reward-model runs/demo/runs/reward] [--out DIR]
+    jaxpref eval --reward-model runs/demo/runs/reward --data runs/demo/data/preference --num 0   # accuracy
 
-    result = evaluate(EvalArgs(policy="runs/shapes-dpo", reference="runs/shapes-sft", data="data/shapes/prompt"))
+    result = evaluate(EvalArgs(policy="runs/dpo", reference="runs/sft", data="data/prompt", judge="shapes"))
 
 For each prompt both models sample one response (the same per-row RNG key for both, so the
-comparison uses common random numbers). Each response is scored by the gold judge
-(jaxpref.data.shapes.judge, for rows with a `scene`) and, with --reward-model, by the reward model
-at its last token. win_rate = mean over prompts of 1 (policy better), 0.5 (tie), 0 (worse).
+comparison uses common random numbers). Each response is scored by the judge (`judge`: a reward
+function of jaxpref.rewards, by name or module:function; rows it returns None for are left out of
+the judge's numbers) and, with --reward-model, by the reward model at its last token. Without a
+judge only the reward model's numbers and the KL are reported.
+win_rate = mean over judged prompts of 1 (policy better), 0.5 (tie), 0 (worse).
 kl = mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples
 (the k1 estimate of KL(pi || pi_ref), at temperature 1, whatever the sampling temperature).
 """
@@ -23,19 +24,23 @@ import json
 import os
 import sys
 from functools import partial
-from typing import Any
+
 
 import jax
 import numpy as np
 
-from jaxpref.data.processing import Processor, ProcessorConfig, concat_prompt_completion
+from tqdm import tqdm
+
+from jaxpref import rewards
+from jaxpref.data.processing import Processor, ProcessorConfig
 from jaxpref.data.sources import open_source
 from jaxpref.data.tokenizer import load_tokenizer
 from jaxpref.generate import generate
 from jaxpref.models import VLM, load_pretrained
-from jaxpref.objectives.dpo import completion_logps
+from jaxpref.objectives.reward import pooled_scores
+from jaxpref.objectives.sft import sft_loss
+from jaxpref.sequence import ImplicitReward, forward, log_ratio, pair_forward, reward_scores
 from jaxpref.sharding import make_mesh
-from jaxpref.train.reward import response_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +50,12 @@ class EvalArgs:
     reference: str
     """What the policy is compared with (e.g. the SFT model)."""
     data: str
-    """Prompt-only (or any TRL-schema) dataset; rows with a `scene` column get the gold judge."""
+    """Prompt-only (or any TRL-schema) dataset."""
     split: str = "eval"
     num: int | None = 200
     """Prompts to evaluate, the first in file order (None: the whole split)."""
+    judge: str | None = None
+    """The judge: a registered name (`shapes`) or module:function (jaxpref.rewards); None: no judge."""
     reward_model: str | None = None
     """A reward model directory (scalar head): adds rm_win_rate and the reward scores."""
     implicit_reward_beta: float | None = None
@@ -66,57 +73,12 @@ class EvalArgs:
     length_buckets: tuple[int, ...] = (16, 32, 48, 64, 80, 128, 256, 512, 1024)
 
 
-def _prompt_text(prompt) -> str:
-    """The text of a plain or conversational prompt (what the judge reads)."""
-    if isinstance(prompt, str):
-        return prompt
-    parts = []
-    for m in prompt:
-        c = m.get("content")
-        parts += [c] if isinstance(c, str) else [b.get("text", "") for b in c if b.get("type") == "text"]
-    return " ".join(p for p in parts if p)
-
-
 def load_model(path: str, head: str, mesh, what: str):
     """(VLM, params) from a Hugging Face model directory in float32 with `head` ("lm" or "scalar");
     `what` names the argument in the error when `path` is not a directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}: {path} is not a model directory")
     return load_pretrained(path, "float32", head=head, mesh=mesh)
-
-
-@partial(jax.jit, static_argnames="model")
-def _completion_logps(model: VLM, params, batch, tokens, mask):
-    seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], tokens, mask)
-    px = batch["pixel_values"] if batch["pixel_values"].shape[1] else None
-    logits = model.apply({"params": params}, px, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"]).logits
-    return completion_logps(logits, seq["input_ids"], seq["completion_mask"])
-
-
-_reward = jax.jit(response_scores, static_argnames="model")
-
-
-@dataclasses.dataclass(frozen=True)
-class ImplicitReward:
-    """A DPO policy read as a reward model: beta * (log pi(y|x) - log pi_ref(y|x)), each the sum of
-    the response tokens' log-probs at temperature 1 (the rewards/chosen jaxpref dpo logs); `ref_model`
-    is the reference the DPO policy was trained against."""
-
-    model: VLM
-    params: Any
-    ref_model: VLM
-    ref_params: Any
-    beta: float
-
-
-def reward_scores(reward_model, batch, tokens, mask) -> np.ndarray:
-    """float[B] scores of the responses: `reward_model` is a (VLM, params) pair with a scalar head,
-    or an ImplicitReward."""
-    if isinstance(reward_model, ImplicitReward):
-        r = reward_model
-        return r.beta * (np.asarray(_completion_logps(r.model, r.params, batch, tokens, mask))
-                         - np.asarray(_completion_logps(r.ref_model, r.ref_params, batch, tokens, mask)))
-    return np.asarray(_reward(reward_model[0], reward_model[1], batch, tokens, mask))
 
 
 def _rows(args: EvalArgs):
@@ -173,13 +135,17 @@ def _models_and_rows(args: EvalArgs):
 
 def evaluate(args: EvalArgs, progress: bool = True) -> dict:
     """Runs the evaluation; returns {"metrics": {...}, "samples": [...]} (see the module docstring)."""
-    samples = compare(*_models_and_rows(args), args, progress=progress)
+    judge = rewards.resolve(args.judge) if args.judge else None
+    samples = compare(*_models_and_rows(args), args, progress=progress, judge=judge)
     return {"metrics": summarize(samples), "samples": samples, "args": dataclasses.asdict(args)}
 
 
 def evaluate_best_of_n(args: EvalArgs, n: int, progress: bool = True) -> dict:
-    """best_of_n with the models and rows `args` names: {"curve", "samples", "args"}."""
-    out = best_of_n(*_models_and_rows(args), args, n, progress)
+    """best_of_n with the models, rows and judge `args` names: {"curve", "samples", "args"}."""
+    if not args.judge:
+        raise ValueError("best-of-n needs a judge (--judge NAME or module:function)")
+    judge = rewards.resolve(args.judge)
+    out = best_of_n(*_models_and_rows(args), args, n, progress, judge=judge)
     return {**out, "args": dataclasses.asdict(args)}
 
 
@@ -206,45 +172,46 @@ def format_curve(curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _columns(row: dict) -> dict:
+    """The row's other scalar columns (e.g. scene, solution), kept with its samples."""
+    return {k: v for k, v in row.items() if k != "prompt" and isinstance(v, (str, int, float, bool))}
+
+
 def compare(policy, reference, reward_model, rows: list[dict], tokenizer, args: EvalArgs,
-            progress: bool = False) -> list[dict]:
+            progress: bool = False, judge: rewards.RewardFunction | None = None) -> list[dict]:
     """Samples a response from each of `policy` and `reference` ((VLM, params) pairs) for every row
-    and scores both (judge for rows with a scene, `reward_model` when given). Returns the samples."""
-    from tqdm import tqdm
-
-    from jaxpref.data.shapes import judge
-
+    and scores both: by `judge` when given (a reward function; `<name>_judge` where it returns a
+    score), by `reward_model` when given. Returns the samples."""
     cfg = policy[0].config
     samples = []
     bar = tqdm(total=len(rows), desc="eval", unit="prompt", disable=not progress)
     rng = jax.random.key(args.seed)
-    for start, chunk, batch, row_ids in _prompt_batches(cfg, tokenizer, rows, args):
-        out = {name: _sample(model, params, batch, args, rng, row_ids)
+    for start, chunk, batch, row_ids in prompt_batches(cfg, tokenizer, rows, args):
+        out = {name: sample_responses(model, params, batch, args, rng, row_ids)
                for name, (model, params) in (("policy", policy), ("reference", reference))}
-        t, m = out["policy"]["tokens"], out["policy"]["mask"]
-        kl = np.asarray(_completion_logps(policy[0], policy[1], batch, t, m)
-                        - _completion_logps(reference[0], reference[1], batch, t, m))
+        kl = log_ratio(policy, reference, batch, out["policy"]["tokens"], out["policy"]["mask"])
         if reward_model is not None:
             for name in out:
                 out[name]["reward"] = reward_scores(reward_model, batch, out[name]["tokens"], out[name]["mask"])
+        texts = {name: [decode_response(tokenizer, cfg.eos_token_id, out[name]["tokens"][i], out[name]["lengths"][i])
+                        for i in range(len(chunk))] for name in out}
+        judged = {name: rewards.score(judge, chunk, texts[name]) for name in out} if judge is not None else {}
         for i, row in enumerate(chunk):
-            s = {"index": start + i, "prompt": _prompt_text(row.get("prompt")), "kl": float(kl[i])}
+            s = {"index": start + i, "prompt": rewards.text_of(row.get("prompt")), "kl": float(kl[i])}
             for name in out:
-                s[name] = _decode(tokenizer, cfg.eos_token_id, out[name]["tokens"][i], out[name]["lengths"][i])
+                s[name] = texts[name][i]
                 s[f"{name}_length"] = int(out[name]["lengths"][i])
                 if "reward" in out[name]:
                     s[f"{name}_reward"] = float(out[name]["reward"][i])
-                if "scene" in row:
-                    s[f"{name}_judge"] = judge(row["scene"], s["prompt"], s[name])
-            if "scene" in row:
-                s["scene"] = row["scene"]
-            samples.append(s)
+                if name in judged and judged[name][i] is not None:
+                    s[f"{name}_judge"] = judged[name][i]
+            samples.append({**_columns(row), **s})
         bar.update(len(chunk))
     bar.close()
     return samples
 
 
-def _prompt_batches(cfg, tokenizer, rows: list[dict], args: EvalArgs):
+def prompt_batches(cfg, tokenizer, rows: list[dict], args: EvalArgs):
     """(start, chunk, batch, row_ids) for each `args.batch_size` rows: the collated prompt batch,
     padded to a static batch shape with copies of its first row (callers use only len(chunk) rows),
     and the rows' global ids (`generate`'s row_ids)."""
@@ -259,7 +226,7 @@ def _prompt_batches(cfg, tokenizer, rows: list[dict], args: EvalArgs):
         yield start, chunk, batch, np.arange(start, start + bs, dtype=np.int32)
 
 
-def _sample(model: VLM, params, batch, args: EvalArgs, rng, row_ids) -> dict:
+def sample_responses(model: VLM, params, batch, args: EvalArgs, rng, row_ids) -> dict:
     """One sampled response per row of a collated prompt batch: tokens, mask, lengths (numpy)."""
     cfg = model.config
     g = generate(model, params, pixel_values=batch["pixel_values"], input_ids=batch["prompt_ids"],
@@ -271,44 +238,43 @@ def _sample(model: VLM, params, batch, args: EvalArgs, rng, row_ids) -> dict:
     return {"tokens": tokens, "mask": mask, "lengths": lengths}
 
 
-def _decode(tokenizer, eos_token_id: int, tokens, length) -> str:
+def decode_response(tokenizer, eos_token_id: int, tokens, length) -> str:
     return tokenizer.decode([int(x) for x in tokens[:length] if int(x) != eos_token_id], skip_special_tokens=True).strip()
 
 
 def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args: EvalArgs, n: int,
-              progress: bool = False, desc: str | None = None) -> dict:
+              progress: bool = False, desc: str | None = None, *, judge: rewards.RewardFunction) -> dict:
     """Best-of-n sampling from `policy` against one sample of `reference` per row, the standard
     yardstick of what preference tuning can reach from a model: the reference samples with
     `args.seed` (as `compare` does), the policy draws n candidates with seeds seed+1 ... seed+n, and
-    the gold judge scores all (rows need a `scene`), the reward model too when given. Returns
+    `judge` scores all (it must score every row), the reward model too when given. Returns
     {"curve": best_of_n_curve(...), "samples": [...]}: per row the reference's response and the n
-    candidates with their scores; with a reward model also "agreement" (agreement_by_question)."""
-    from tqdm import tqdm
-
-    from jaxpref.data.shapes import judge
-
+    candidates with their scores; with a reward model also "agreement" ({"all": judge_agreement})."""
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
-    if any("scene" not in r for r in rows):
-        raise ValueError("best-of-n needs the gold judge: every row must have a `scene` (the built-in task's data)")
     cfg = policy[0].config
     samples = []
     bar = tqdm(total=len(rows) * (n + 1), desc=desc or f"best-of-{n}", unit="sample", disable=not progress)
-    for start, chunk, batch, row_ids in _prompt_batches(cfg, tokenizer, rows, args):
-        drawn = [_sample(*reference, batch, args, jax.random.key(args.seed), row_ids)]
+    for start, chunk, batch, row_ids in prompt_batches(cfg, tokenizer, rows, args):
+        drawn = [sample_responses(*reference, batch, args, jax.random.key(args.seed), row_ids)]
         bar.update(len(chunk))
         for j in range(n):
-            drawn.append(_sample(*policy, batch, args, jax.random.key(args.seed + 1 + j), row_ids))
+            drawn.append(sample_responses(*policy, batch, args, jax.random.key(args.seed + 1 + j), row_ids))
             bar.update(len(chunk))
         if reward_model is not None:
             for d in drawn:
                 d["reward"] = reward_scores(reward_model, batch, d["tokens"], d["mask"])
+        texts = [[decode_response(tokenizer, cfg.eos_token_id, d["tokens"][i], d["lengths"][i]) for d in drawn]
+                 for i in range(len(chunk))]
+        scored = [rewards.score(judge, chunk, [t[k] for t in texts]) for k in range(n + 1)]
         for i, row in enumerate(chunk):
-            prompt = _prompt_text(row.get("prompt"))
-            texts = [_decode(tokenizer, cfg.eos_token_id, d["tokens"][i], d["lengths"][i]) for d in drawn]
-            s = {"index": start + i, "prompt": prompt, "scene": row["scene"], "reference": texts[0],
-                 "reference_judge": judge(row["scene"], prompt, texts[0]), "candidates": texts[1:],
-                 "candidate_judge": [judge(row["scene"], prompt, t) for t in texts[1:]]}
+            judged = [scored[k][i] for k in range(n + 1)]
+            if None in judged:
+                raise ValueError(f"best-of-n: the judge {rewards.name_of(judge)} cannot score row {start + i} "
+                                 f"({rewards.text_of(row.get('prompt'))!r}); best-of-n needs a score for every row")
+            s = {**_columns(row), "index": start + i, "prompt": rewards.text_of(row.get("prompt")),
+                 "reference": texts[i][0], "reference_judge": judged[0], "candidates": texts[i][1:],
+                 "candidate_judge": judged[1:]}
             if reward_model is not None:
                 s["reference_reward"] = float(drawn[0]["reward"][i])
                 s["candidate_reward"] = [float(d["reward"][i]) for d in drawn[1:]]
@@ -320,7 +286,8 @@ def best_of_n(policy, reference, reward_model, rows: list[dict], tokenizer, args
         np.array([s["reference_reward"] for s in samples]) if reward_model is not None else None)
     out = {"curve": curve, "samples": samples}
     if reward_model is not None:
-        out["agreement"] = agreement_by_question(samples)
+        out["agreement"] = {"all": {"prompts": len(samples), **judge_agreement(
+            [s["candidate_judge"] for s in samples], [s["candidate_reward"] for s in samples])}}
     return out
 
 
@@ -336,25 +303,6 @@ def judge_agreement(candidate_judge, candidate_reward) -> dict:
     scored = dj != 0
     agree = np.where(dr == 0, 0.5, (dr == dj).astype(float))[scored]
     return {"pairs": int(scored.sum()), "agreement": float(agree.mean()) if agree.size else None}
-
-
-def rows_by_question(samples: list[dict]) -> dict[str, list[int]]:
-    """Row indices of samples (each with the built-in task's "scene" JSON and "prompt") for all rows
-    and per question type: {"all": [...], "describe": [...], ...}, in QUESTIONS' order, types
-    without rows left out."""
-    from jaxpref.data.shapes import QUESTIONS, Scene, parse_prompt
-
-    kinds = [parse_prompt(Scene.from_json(s["scene"]), s["prompt"]).question for s in samples]
-    groups = {q: [i for i, k in enumerate(kinds) if q in ("all", k)] for q in ("all",) + QUESTIONS}
-    return {q: idx for q, idx in groups.items() if idx}
-
-
-def agreement_by_question(samples: list[dict]) -> dict:
-    """judge_agreement over best_of_n's samples, for all rows and per question type of the built-in
-    task ({"all": ..., "color": ..., ...}; types without rows left out)."""
-    return {q: {"prompts": len(idx), **judge_agreement([samples[i]["candidate_judge"] for i in idx],
-                                                       [samples[i]["candidate_reward"] for i in idx])}
-            for q, idx in rows_by_question(samples).items()}
 
 
 def format_agreement(agreement: dict) -> str:
@@ -396,22 +344,19 @@ def best_of_n_curve(reference_judge, candidate_judge, candidate_reward=None, ref
 
 
 def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num: int | None = None,
-                          batch_size: int = 32, tokenizer: str | None = None, progress: bool = True) -> dict:
+                          batch_size: int = 32, tokenizer: str | None = None, progress: bool = True,
+                          judge: str | rewards.RewardFunction | None = None) -> dict:
     """Held-out pairwise accuracy of a reward model on preference rows: `accuracy` against the
-    dataset's labels (TRL's eval_accuracy) and, for rows with a `scene`, `gold_accuracy` against the
-    gold judge's ordering and `label_agreement`, the fraction of labels the judge agrees with: the
-    ceiling `accuracy` can reach when labels are noisy."""
-    from tqdm import tqdm
-
-    from jaxpref.data.shapes import judge
-    from jaxpref.train.reward import rewards
-
+    dataset's labels (TRL's eval_accuracy) and, with a judge, over the pairs it scores differently,
+    `gold_accuracy` against the judge's ordering and `label_agreement`, the fraction of labels the
+    judge agrees with: the ceiling `accuracy` can reach when labels are noisy."""
+    judge = rewards.resolve(judge) if judge is not None else None
     mesh = make_mesh(1, -1, 1)
     model, params = load_model(reward_model, "scalar", mesh, "--reward-model")
     tok = load_tokenizer(tokenizer or reward_model)
     processor = Processor(model.config, tok, ProcessorConfig(kind="preference", max_prompt_length=None,
                                                              max_completion_length=None, max_length=None))
-    score = jax.jit(lambda p, b: rewards(p, b, model=model))
+    score = jax.jit(lambda p, b: _pair_scores(model, p, b))
     rows = list(first_rows(data, split, num))
     if not rows:
         raise ValueError(f"{data} split {split!r} has no rows")
@@ -423,15 +368,19 @@ def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num
         batch = {k: v for k, v in processor.collate(examples).items() if v.dtype != object}
         rc, rr = (np.asarray(x)[:len(chunk)] for x in score(params, batch))
         right += int(np.sum(rc > rr))
-        for row, c, r in zip(chunk, rc, rr):
-            if "scene" in row:
-                prompt = _prompt_text(row["prompt"])
-                jc, jr = judge(row["scene"], prompt, row["chosen"]), judge(row["scene"], prompt, row["rejected"])
+        if judge is None:
+            continue
+        judged = [rewards.score(judge, chunk, [rewards.text_of(row[k]) for row in chunk])
+                  for k in ("chosen", "rejected")]
+        for c, r, jc, jr in zip(rc, rr, *judged):
+            if jc is not None and jr is not None:
                 if jc != jr:
                     n_gold += 1
                     agree += int(jc > jr)
                     gold_right += int((c > r) == (jc > jr))
     out = {"num_pairs": len(rows), "accuracy": right / len(rows)}
+    if judge is not None:
+        out["judged_pairs"] = n_gold
     if n_gold:
         out.update(gold_accuracy=gold_right / n_gold, label_agreement=agree / n_gold)
     return out
@@ -461,80 +410,6 @@ def image_reliance(model_dir: str, data: str, split: str = "eval", num: int | No
             "gap": shuffled - real}
 
 
-def short_answer_reads(model_dir: str, num: int = 1024, seed: int = 1, batch_size: int = 32,
-                       tokenizer: str | None = None, max_new_tokens: int = 32, progress: bool = False) -> dict:
-    """What a model reads off the image, measured by its greedy answers to `num` held-out short questions
-    of the built-in task (jaxpref.data.shapes.SHORT_TEMPLATES: "Quick question: where is the red circle?"
-    -> "On the left."; the eval split's scenes, the same rows for every model with the same num and seed),
-    each compared with the right answer by exact match (stripped text). Every question is asked twice:
-    with its own image, and with the image of the row before it in its batch (`shuffled`: what the
-    language prior alone gets right). The preference methods answer with the reads the decoder has;
-    they do not add reads (docs/TRAINING.md, "What is left: the backbone's reads").
-
-    Returns {"num_questions", "exact_match", "shuffled_exact_match", "by_kind": {kind: {"num",
-    "exact_match", "shuffled_exact_match"}}, "samples": [{"prompt", "answer", "said", "said_shuffled",
-    "kind"}]}."""
-    from tqdm import tqdm
-
-    from jaxpref.data import shapes
-
-    if num < 1 or batch_size < 2:
-        raise ValueError(f"short_answer_reads needs num >= 1 and batch_size >= 2, got {num} and {batch_size}")
-    mesh = make_mesh(1, -1, 1)
-    model, params = load_model(model_dir, "lm", mesh, "model")
-    tok = load_tokenizer(tokenizer or model_dir)
-    cfg = model.config
-    rows = list(shapes.generate_split("short", num, seed, image_size=cfg.vision.image_size, split="eval"))
-    args = EvalArgs(policy=model_dir, reference=model_dir, data="", max_new_tokens=max_new_tokens, greedy=True,
-                    batch_size=batch_size)
-    samples = []
-    bar = tqdm(total=len(rows), desc=f"reads {model_dir}", unit="question", disable=not progress)
-    for start, chunk, batch, row_ids in _prompt_batches(cfg, tok, [{"images": r["images"], "prompt": r["prompt"]}
-                                                                   for r in rows], args):
-        n = len(chunk)
-        said = {}
-        for name, px in (("real", batch["pixel_values"]),
-                         ("shuffled", np.concatenate([np.roll(batch["pixel_values"][:n], 1, axis=0),
-                                                      batch["pixel_values"][n:]]))):
-            g = _sample(model, params, {**batch, "pixel_values": px}, args, jax.random.key(seed), row_ids)
-            said[name] = [_decode(tok, cfg.eos_token_id, g["tokens"][i], g["lengths"][i]) for i in range(n)]
-        for i, r in enumerate(rows[start:start + n]):
-            samples.append({"prompt": r["prompt"], "answer": r["completion"].strip(), "said": said["real"][i],
-                            "said_shuffled": said["shuffled"][i], "kind": shapes.short_question_kind(r["prompt"])})
-        bar.update(n)
-    bar.close()
-    right = lambda ss, key: float(np.mean([s[key] == s["answer"] for s in ss]))  # noqa: E731
-    by_kind = {}
-    for k in shapes.SHORT_TEMPLATES:
-        asked = [s for s in samples if s["kind"] == k]
-        if asked:
-            by_kind[k] = {"num": len(asked), "exact_match": right(asked, "said"),
-                          "shuffled_exact_match": right(asked, "said_shuffled")}
-    return {"num_questions": len(samples), "exact_match": right(samples, "said"),
-            "shuffled_exact_match": right(samples, "said_shuffled"), "by_kind": by_kind, "samples": samples}
-
-
-def format_reads(reads: dict) -> str:
-    """A table of short_answer_reads' result: exact match per question kind, own and other rows' images."""
-    lines = [f"{'question':<12} {'asked':>6}  {'exact match':>11}  {'with another image':>18}"]
-    rows = [(k, v) for k, v in reads["by_kind"].items()] + [("all", {
-        "num": reads["num_questions"], "exact_match": reads["exact_match"],
-        "shuffled_exact_match": reads["shuffled_exact_match"]})]
-    for k, v in rows:
-        lines.append(f"{k:<12} {v['num']:>6}  {v['exact_match']:>11.3f}  {v['shuffled_exact_match']:>18.3f}")
-    return "\n".join(lines)
-
-
-def write_reads(reads: dict, out_dir: str):
-    """out_dir/reads.json (everything but the samples) and out_dir/reads.jsonl (one question per line)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "reads.json"), "w") as f:
-        json.dump({k: v for k, v in reads.items() if k != "samples"}, f, indent=2)
-    with open(os.path.join(out_dir, "reads.jsonl"), "w") as f:
-        for s in reads["samples"]:
-            f.write(json.dumps(s) + "\n")
-
-
 def real_and_shuffled_nll(model: VLM, params, batches) -> tuple[float, float]:
     """Mean NLL per completion token over collated SFT batches (with `valid`): with each row's own
     image, and with the previous row's (images rolled by one within each batch)."""
@@ -546,11 +421,17 @@ def real_and_shuffled_nll(model: VLM, params, batches) -> tuple[float, float]:
     return real / tokens, shuffled / tokens
 
 
+def _pair_scores(model: VLM, params, batch):
+    """(r_chosen, r_rejected) float32[B] of a preference batch under a scalar-head model."""
+    values, seq = pair_forward(model, params, batch)
+    r = pooled_scores(values.astype(np.float32), seq, model.config.score_pooling).reshape(-1, 2)
+    return r[:, 0], r[:, 1]
+
+
 @partial(jax.jit, static_argnames="model")
 def _nll_sum(model: VLM, params, batch):
-    from jaxpref.train.sft import loss_fn
-
-    return loss_fn(params, batch, model=model)[0]
+    logits, seq = forward(model, params, batch, batch["completion_ids"], batch["completion_mask"])
+    return sft_loss(logits, seq["input_ids"], seq["attention_mask"], seq["completion_mask"], batch["valid"])[0]
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -558,10 +439,13 @@ def summarize(samples: list[dict]) -> dict:
     mean = lambda k: float(np.mean([s[k] for s in samples]))
     m = {"num_prompts": len(samples), "kl": mean("kl"), "policy_length": mean("policy_length"),
          "reference_length": mean("reference_length")}
-    if "policy_judge" in samples[0]:
-        m.update(win_rate=float(np.mean([win(s["policy_judge"], s["reference_judge"]) for s in samples])),
-                 judge_score=mean("policy_judge"), reference_judge_score=mean("reference_judge"),
-                 judge_ties=float(np.mean([s["policy_judge"] == s["reference_judge"] for s in samples])))
+    judged = [s for s in samples if "policy_judge" in s and "reference_judge" in s]
+    if judged:
+        jmean = lambda k: float(np.mean([s[k] for s in judged]))  # noqa: E731
+        m.update(judged_prompts=len(judged),
+                 win_rate=float(np.mean([win(s["policy_judge"], s["reference_judge"]) for s in judged])),
+                 judge_score=jmean("policy_judge"), reference_judge_score=jmean("reference_judge"),
+                 judge_ties=float(np.mean([s["policy_judge"] == s["reference_judge"] for s in judged])))
     if "policy_reward" in samples[0]:
         m.update(rm_win_rate=float(np.mean([win(s["policy_reward"], s["reference_reward"]) for s in samples])),
                  reward=mean("policy_reward"), reference_reward=mean("reference_reward"))
@@ -570,12 +454,13 @@ def summarize(samples: list[dict]) -> dict:
 
 def format_table(metrics: dict) -> str:
     """A readable two-column table of the metrics."""
-    names = {"win_rate": "gold-judge win-rate (ties 1/2)", "judge_ties": "judge ties", "judge_score": "judge score",
+    names = {"win_rate": "judge win-rate (ties 1/2)", "judged_prompts": "prompts the judge scored",
+             "judged_pairs": "pairs the judge scores differently", "judge_ties": "judge ties", "judge_score": "judge score",
              "reference_judge_score": "reference judge score", "rm_win_rate": "reward-model win-rate",
              "reward": "reward", "reference_reward": "reference reward", "kl": "KL(policy || reference), nats",
              "policy_length": "policy length, tokens", "reference_length": "reference length, tokens",
              "num_prompts": "prompts", "num_pairs": "pairs", "accuracy": "pairwise accuracy (dataset labels)",
-             "gold_accuracy": "pairwise accuracy (gold judge)", "label_agreement": "labels the judge agrees with"}
+             "gold_accuracy": "pairwise accuracy (judge)", "label_agreement": "labels the judge agrees with"}
     width = max(len(v) for v in names.values())
     lines = [f"{names.get(k, k):<{width}}  {v:.4g}" if isinstance(v, float) else f"{names.get(k, k):<{width}}  {v}"
              for k, v in metrics.items()]
@@ -595,18 +480,18 @@ def write(result: dict, out_dir: str):
 def add_eval_parser(subparsers):
     p = subparsers.add_parser("eval", help="win-rate of a policy against a reference on held-out prompts",
                               description=__doc__.split("\n\n")[0])
+    p.add_argument("--judge", default=None, metavar="NAME|module:function",
+                   help="the judge scoring both models' answers: a registered name (shapes: the built-in task's gold "
+                        "judge) or a reward function module:function, f(prompts, completions, **columns) -> "
+                        "list[float | None] (jaxpref.rewards); without it: reward-model numbers only")
     p.add_argument("--policy", default=None, help="policy model directory")
     p.add_argument("--reference", default=None, help="reference model directory (e.g. the SFT model)")
     p.add_argument("--data", default=None,
-                   help="prompts (e.g. data/shapes/prompt); without --policy: preference pairs (data/shapes/preference) "
-                        "on which --reward-model's pairwise accuracy is measured; not used by --reads")
+                   help="prompts (e.g. runs/demo/data/prompt); without --policy: preference pairs "
+                        "(runs/demo/data/preference) on which --reward-model's pairwise accuracy is measured")
     p.add_argument("--split", default="eval", help="default: eval")
     p.add_argument("--num", type=int, default=None,
-                   help="prompts (default 200; 0: all); with --reads: questions (default 1024)")
-    p.add_argument("--reads", action="store_true",
-                   help="what --policy reads off the image instead: its greedy answers to held-out short questions "
-                        "of the built-in task, exact match per question kind, with each question's own image and "
-                        "another's")
+                   help="prompts (default 200; 0: all)")
     p.add_argument("--reward-model", default=None, help="reward model directory: adds the reward-model win-rate")
     p.add_argument("--implicit-reward-beta", type=float, default=None, metavar="BETA",
                    help="--reward-model is a DPO policy: score by its implicit reward, BETA x log pi_rm / "
@@ -618,7 +503,7 @@ def add_eval_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--best-of", type=int, default=0, metavar="N",
-                   help="best-of-N instead: the policy draws N samples per prompt, the best by the gold judge and by "
+                   help="best-of-N instead: the policy draws N samples per prompt, the best by --judge and by "
                         "--reward-model is compared with the reference's sample, for N = 1, 2, 4, ... (the policy may "
                         "be the reference itself: what tuning from it can reach)")
     p.add_argument("--out", default=None, help="write eval.json and samples.jsonl (best_of_n.json and "
@@ -626,12 +511,22 @@ def add_eval_parser(subparsers):
     p.set_defaults(func=_main)
 
 
+def _no_judge_note(args) -> str | None:
+    if args.judge:
+        return None
+    return "no judge given (--judge NAME|module:function): reward-model numbers only"
+
+
 def _main(args) -> int:
-    if args.reads:
-        return _main_reads(args)
     if args.data is None:
-        print("jaxpref eval: give --data (or --reads)", file=sys.stderr)
+        print("jaxpref eval: give --data", file=sys.stderr)
         return 2
+    if args.judge:
+        try:
+            rewards.resolve(args.judge)
+        except ValueError as e:
+            print(f"jaxpref eval: {e}", file=sys.stderr)
+            return 2
     if args.num is None:
         args.num = 200
     if args.policy is None:
@@ -641,11 +536,13 @@ def _main(args) -> int:
             return 2
         try:
             metrics = reward_model_accuracy(args.reward_model, args.data, args.split, args.num or None,
-                                            args.batch_size, args.tokenizer)
+                                            args.batch_size, args.tokenizer, judge=args.judge)
         except (FileNotFoundError, ValueError) as e:
             print(f"jaxpref eval: {e}", file=sys.stderr)
             return 2
         print(format_table(metrics))
+        if note := _no_judge_note(args):
+            print(note)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "eval.json"), "w") as f:
@@ -655,7 +552,7 @@ def _main(args) -> int:
         print("jaxpref eval: --policy needs --reference", file=sys.stderr)
         return 2
     ea = EvalArgs(policy=args.policy, reference=args.reference, data=args.data, split=args.split,
-                  num=args.num or None, reward_model=args.reward_model,
+                  num=args.num or None, judge=args.judge, reward_model=args.reward_model,
                   implicit_reward_beta=args.implicit_reward_beta, tokenizer=args.tokenizer,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy,
                   batch_size=args.batch_size, seed=args.seed)
@@ -678,26 +575,11 @@ def _main(args) -> int:
         print(f"jaxpref eval: {e}", file=sys.stderr)
         return 2
     print(format_table(result["metrics"]))
+    if note := _no_judge_note(args):
+        print(note)
+    elif "win_rate" not in result["metrics"]:
+        print(f"the judge {args.judge} scored none of the prompts (it returned None for every row)")
     if args.out:
         write(result, args.out)
         print(f"wrote {args.out}/eval.json and {args.out}/samples.jsonl")
-    return 0
-
-
-def _main_reads(args) -> int:
-    if args.policy is None or args.reference or args.reward_model or args.best_of:
-        print("jaxpref eval --reads: give --policy (the model whose reads are measured) and none of --reference, "
-              "--reward-model, --best-of", file=sys.stderr)
-        return 2
-    num = 1024 if args.num is None else args.num
-    try:
-        reads = short_answer_reads(args.policy, num=num, batch_size=args.batch_size, tokenizer=args.tokenizer,
-                                   progress=True)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jaxpref eval: {e}", file=sys.stderr)
-        return 2
-    print(format_reads(reads))
-    if args.out:
-        write_reads(reads, args.out)
-        print(f"wrote {args.out}/reads.json and {args.out}/reads.jsonl")
     return 0

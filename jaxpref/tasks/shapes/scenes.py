@@ -871,7 +871,7 @@ def generate_split(kind: str, num: int, seed: int, image_size: int = 64, label_n
       With grounded_fraction > 0, that fraction of the good-tier answers to color and locate questions
       (in expectation) is a grounded_answer instead: the scene listed shape by shape.
     kind "short": images, prompt, completion, scene; every row a short_question (the data of the
-      demo's decoder pretraining stage, configs/shapes/pretrain.yaml).
+      demo's decoder pretraining stage, jaxpref/tasks/shapes/configs/pretrain.yaml).
     Train and eval scenes never share content (scene_split). `images` is [{"bytes": PNG, "path": None}].
     """
     if kind not in GENERATED_KINDS:
