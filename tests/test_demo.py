@@ -16,9 +16,9 @@ from PIL import Image
 
 from jaxpref.tasks.shapes import demo as demo_module
 from jaxpref.tasks.shapes.demo import (BASE_FILES, PLANS, STAGES, Demo, DemoError, config_fingerprints,
-                                       default_configs_dir, grounded_table, judge_bins, judge_table, make_plan,
-                                       ppo_config, read_base_info, reusable_stages, run_demo, trainer_config,
-                                       write_base, write_summary)
+                                       default_configs_dir, make_plan, ppo_config, read_base_info, reusable_stages,
+                                       run_demo, trainer_config, write_base, write_summary)
+from jaxpref.tasks.shapes.report import grounded_table, judge_bins, judge_table, model_label
 from jaxpref.tasks.shapes.reads import agreement_by_question
 from test_train import run_jaxpref
 
@@ -33,14 +33,15 @@ TINY = {
     "sft.max_steps": 3, "sft.save_steps": 1, "sft.data.shuffle_buffer": 16,
     "reward.max_steps": 3, "reward.warmup_steps": 0, "dpo.max_steps": 2, "dpo.warmup_steps": 0,
     "ppo.max_steps": 2, "ppo.eval_steps": 1, "ppo.eval_num_prompts": 8, "ppo.response_length": 8,
-    "ppo.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.best_of": 2,
+    "ppo.num_ppo_epochs": 1, "ppo_scalar_rm.max_steps": 1, "ppo_scalar_rm.eval_num_prompts": 8,
+    "ppo_scalar_rm.response_length": 8, "ppo_scalar_rm.num_ppo_epochs": 1, "eval.num": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.best_of": 2,
     "eval.reads": 8,
     # a 3-step SFT model's answers all score 0 (no pairs of its own): the generator's pairs fill in
     "comparisons.n": 2, "comparisons.mix": 16, "comparisons.dpo_rounds": 2,
     "comparisons.round_pairs": "best-rest", "comparisons.round_steps": 1,
     "comparisons.ppo_rounds": 1, "comparisons.ppo_round_steps": 1,
 }
-for _stage in ("pretrain", "pretrain2", "sft", "reward", "dpo", "ppo"):
+for _stage in ("pretrain", "pretrain2", "sft", "reward", "dpo", "ppo", "ppo_scalar_rm"):
     TINY.update({f"{_stage}.logging_steps": 1, f"{_stage}.per_device_train_batch_size": 4,
                  f"{_stage}.per_device_eval_batch_size": 8, f"{_stage}.data.length_buckets": 80})
     TINY.setdefault(f"{_stage}.eval_steps", TINY[f"{_stage}.max_steps"])
@@ -59,22 +60,24 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     r = run_jaxpref("demo", "--quick", "--out", str(out), *_set_args(SETS))
     first = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-4000:]
-    assert f"[3/11] pretrain: 2 steps from {out}/runs/tower on {out}/data/short" in r.stdout
-    assert f"[4/11] pretrain2: 2 steps from {out}/runs/pretrain on {out}/data/short" in r.stdout
-    assert f"[5/11] sft: 3 steps from {out}/runs/pretrain2" in r.stdout and "[9/11] ppo: 2 iterations" in r.stdout
-    assert f"[6/11] comparisons: 2 answers of {out}/runs/sft to every train prompt of {out}/data/prompt" in r.stdout
-    assert f"[7/11] reward: 3 steps from {out}/runs/sft on {out}/data/comparisons" in r.stdout
+    assert f"[3/12] pretrain: 2 steps from {out}/runs/tower on {out}/data/short" in r.stdout
+    assert f"[4/12] pretrain2: 2 steps from {out}/runs/pretrain on {out}/data/short" in r.stdout
+    assert f"[5/12] sft: 3 steps from {out}/runs/pretrain2" in r.stdout and "[9/12] ppo: 2 iterations" in r.stdout
+    assert f"[6/12] comparisons: 2 answers of {out}/runs/sft to every train prompt of {out}/data/prompt" in r.stdout
+    assert f"[7/12] reward: 3 steps from {out}/runs/sft on {out}/data/comparisons" in r.stdout
     assert f"report: {out}/report.md" in r.stdout
 
     s = json.loads((out / "summary.json").read_text())
     assert s["quick"] is True and s["plan"] == make_plan(True, SETS)
     assert list(s["stages"]) == [st.name for st in STAGES] == ["data", "tower", "pretrain", "pretrain2", "sft",
-                                                               "comparisons", "reward", "dpo", "ppo", "eval", "report"]
+                                                               "comparisons", "reward", "dpo", "ppo", "ppo_scalar_rm",
+                                                               "eval", "report"]
     assert all(0 <= x <= 1 for head in s["tower"].values() for x in head.values()) and list(s["tower"]) == ["scene_accuracy", "lookup_accuracy", "patch_accuracy"]
     assert all(v["seconds"] > 0 for v in s["stages"].values())
     rm = s["reward_model"]
     assert 0 <= rm["accuracy"] <= 1 and 0 <= rm["gold_accuracy"] <= 1 and 0 < rm["label_agreement"] <= 1
-    for method in ("dpo", "ppo"):
+    assert f"[10/12] ppo_scalar_rm: 1 iterations from {out}/runs/sft + reward model {out}/runs/reward on" in r.stdout
+    for method in ("dpo", "ppo", "ppo_scalar_rm"):
         m = s[method]
         assert 0 <= m["win_rate"] <= 1 and 0 <= m["rm_win_rate"] <= 1 and 0 <= m["judge_score"] <= 1
         assert abs(m["kl"]) < 50 and m["num_prompts"] == 8 and 1 <= m["length"] <= 8
@@ -86,7 +89,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     report = (out / "report.md").read_text()
     numbers = [rm["accuracy"], rm["gold_accuracy"], rm["label_agreement"], s["sft"]["judge_score"],
                s["tower"]["patch_accuracy"]["kind"]]
-    numbers += [s[m][k] for m in ("dpo", "ppo") for k in ("win_rate", "rm_win_rate", "judge_score")]
+    numbers += [s[m][k] for m in ("dpo", "ppo", "ppo_scalar_rm") for k in ("win_rate", "rm_win_rate", "judge_score")]
     for x in numbers:
         assert f"{x:.3f}" in report, x
     assert f"{image['nll_real']:.4f} with their own images and {image['nll_shuffled']:.4f}" in report
@@ -157,29 +160,29 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     assert stored["curve"] == curve and stored["agreement"] == agreement  # the report's table is the stored one
     # the judge's scores before and after: the eval stage's win-rates again, counted per question type
     judges = judge_table({m: [json.loads(line) for line in open(out / "eval" / m / "samples.jsonl")]
-                          for m in ("dpo", "ppo")})
+                          for m in ("dpo", "ppo", "ppo_scalar_rm")})
     assert sum(row["prompts"] for q, row in judges.items() if q != "all") == judges["all"]["prompts"] == 8
-    for m in ("dpo", "ppo"):
+    for m in ("dpo", "ppo", "ppo_scalar_rm"):
         assert judges["all"][f"{m}_win"] == pytest.approx(s[m]["win_rate"])
         assert np.mean(judges["all"][m]) == pytest.approx(s[m]["judge_score"])
     assert np.mean(judges["all"]["sft"]) == pytest.approx(s["sft"]["judge_score"])
     assert "### The judge's scores before and after" in report
     grounded = grounded_table({m: [json.loads(line) for line in open(out / "eval" / m / "samples.jsonl")]
-                               for m in ("dpo", "ppo")})
+                               for m in ("dpo", "ppo", "ppo_scalar_rm")})
     assert ("### Answers that list the scene" in report) == (grounded["sft"]["prompts"] > 0)
     for name, row in grounded.items():
-        assert 0 <= (row["share"] or 0) <= 1 and (not row["prompts"] or f"| {name.upper()} | {row['share']:.2f} |"
+        assert 0 <= (row["share"] or 0) <= 1 and (not row["prompts"] or f"| {model_label(name)} | {row['share']:.2f} |"
                                                    in report)
     for q, row in judges.items():
         assert f"| {q} | {row['prompts']} | {np.mean(row['sft']):.3f} |" in report
     # each model's reads: greedy answers to the same 8 held-out short questions, stored and in the report
-    assert list(s["reads"]) == ["pretrain", "pretrain2", "sft", "dpo", "ppo"]
+    assert list(s["reads"]) == ["pretrain", "pretrain2", "sft", "dpo", "ppo", "ppo_scalar_rm"]
     assert "### What the models read off the image" in report
     for name, r in s["reads"].items():
         answers = [json.loads(line) for line in open(out / "eval" / "reads" / name / "reads.jsonl")]
         assert r["num_questions"] == len(answers) == sum(k["num"] for k in r["by_kind"].values()) == 8
         assert r["exact_match"] == pytest.approx(np.mean([a["said"] == a["answer"] for a in answers]))
-        assert f"| {name.upper()} | {r['exact_match']:.3f} |" in report
+        assert f"| {model_label(name)} | {r['exact_match']:.3f} |" in report
     assert len({tuple(json.loads(line)["prompt"] for line in open(out / "eval" / "reads" / n / "reads.jsonl"))
                 for n in s["reads"]}) == 1  # the same questions for every model
     for name in ("reward_model", "ppo", "win_rates", "judge_scores", "examples"):
@@ -192,7 +195,7 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     samples = [json.loads(line) for line in open(out / "eval" / "ppo" / "samples.jsonl")]
     assert page.count('src="data:image/png;base64,') == 8
     assert samples[0]["prompt"] in page
-    for method in ("reward_model", "dpo", "ppo"):
+    for method in ("reward_model", "dpo", "ppo", "ppo_scalar_rm"):
         assert (out / "eval" / method / "eval.json").exists()
     # the SFT trainer saved a checkpoint every step: what an interrupted stage resumes from
     assert (out / "runs" / "sft" / "checkpoints").is_dir()
@@ -241,9 +244,9 @@ def test_the_demo_runs_end_to_end_resumes_and_refuses_another_plan(tmp_path, cap
     r = run_demo(str(new), quick=True, sets=SETS + ["data.corrected_fraction=0.0"], reuse=str(out))
     printed = capsys.readouterr().out
     ran = [st.name for st in STAGES if "reused_from" not in r["stages"][st.name]]
-    assert ran == ["data", "comparisons", "reward", "dpo", "ppo", "eval", "report"]
+    assert ran == ["data", "comparisons", "reward", "dpo", "ppo", "ppo_scalar_rm", "eval", "report"]
     assert printed.count(f"reused from {out} (finished there in") == 4
-    assert f"[1/11] data: reused from {out}: data/short, data/sft, data/prompt\n[1/11] data: train rows " \
+    assert f"[1/12] data: reused from {out}: data/short, data/sft, data/prompt\n[1/12] data: train rows " \
            f"preference 32; " \
            f"8 eval rows each" in printed
     assert r["reused"] == {"from": str(out), "parts": ["data/short", "data/sft", "data/prompt", "tower", "pretrain",
@@ -308,7 +311,7 @@ def test_until_stops_after_the_stage_and_a_rerun_without_it_goes_on(tmp_path, ca
     assert not out.exists()
     assert main(["demo", "--quick", "--out", str(out), "--until", "data", *_set_args(SETS)]) == 0
     printed = capsys.readouterr().out
-    assert "[1/11] data:" in printed and "[2/11]" not in printed
+    assert "[1/12] data:" in printed and "[2/12]" not in printed
     assert "stopped after data (--until); the same command without --until goes on from tower" in printed
     s = json.loads((out / "summary.json").read_text())
     assert list(s["stages"]) == ["data"] and (out / "data" / "short").is_dir() and not (out / "runs").exists()
@@ -319,7 +322,7 @@ def test_until_stops_after_the_stage_and_a_rerun_without_it_goes_on(tmp_path, ca
     write_summary(str(out), {**s, "configs": config_fingerprints(demo), "stages": done})
     assert run_demo(str(out), quick=True, sets=SETS, until="sft")["stages"] == done
     printed = capsys.readouterr().out
-    assert printed.count("finished in an earlier run") == 5 and "[6/11]" not in printed
+    assert printed.count("finished in an earlier run") == 5 and "[6/12]" not in printed
     assert "goes on from comparisons" in printed
 
 
@@ -336,18 +339,20 @@ def test_reuse_takes_a_stage_only_with_its_settings_and_everything_it_reads(tmp_
     everything = kinds + [st.name for st in STAGES if st.name != "report"]  # the report is always rewritten
     assert reusable([]) == everything
     upto_sft = ["data", "tower", "pretrain", "pretrain2", "sft"]
-    assert reusable(["ppo.kl_coef=0.1"]) == kinds + upto_sft + ["comparisons", "reward", "dpo"]
+    # PPO against the scalar reward model has its own plan entries: it stays
+    assert reusable(["ppo.kl_coef=0.1"]) == kinds + upto_sft + ["comparisons", "reward", "dpo", "ppo_scalar_rm"]
+    assert reusable(["ppo_scalar_rm.kl_coef=0.1"]) == kinds + upto_sft + ["comparisons", "reward", "dpo", "ppo"]
     assert reusable(["reward.max_steps=5"]) == kinds + upto_sft + ["comparisons", "dpo"]
     # new comparisons: everything trained on them, and PPO against their reward model, run again
     assert reusable(["comparisons.n=3"]) == kinds + upto_sft
     # DPO's round settings, kept in the comparisons section, are DPO's, and PPO reads DPO (its final
     # policy is PPO's reward model with ppo.reward_model_type=implicit), so both run again
-    more_rounds = kinds + upto_sft + ["comparisons", "reward"]
+    more_rounds = kinds + upto_sft + ["comparisons", "reward", "ppo_scalar_rm"]
     assert reusable(["comparisons.dpo_rounds=3"]) == reusable(["comparisons.round_steps=7"]) == more_rounds
     assert reusable(["comparisons.round_pairs=all"]) == more_rounds
     # PPO's round settings are PPO's alone
     assert reusable(["comparisons.ppo_rounds=2"]) == reusable(["comparisons.ppo_round_steps=3"]) == \
-        kinds + upto_sft + ["comparisons", "reward", "dpo"]
+        kinds + upto_sft + ["comparisons", "reward", "dpo", "ppo_scalar_rm"]
     assert reusable(["sft.max_steps=5"]) == kinds + ["data", "tower", "pretrain", "pretrain2"]
     # the second cosine reads the first; SFT and everything after read it
     assert reusable(["pretrain2.max_steps=5"]) == reusable(["pretrain2.seed=7"]) == kinds + ["data", "tower",
@@ -427,7 +432,12 @@ def test_plan_settings_and_trainer_configs():
     assert (pre.output_dir, pre.data.dataset_name, pre.max_steps, pre.per_device_train_batch_size) == (
         "DIR/runs/pretrain", "DIR/data/short", PLANS["full"]["pretrain"]["max_steps"], 32)
     assert pre.model.freeze_vision and [s.name for s in STAGES if s.config is not None] == [
-        "pretrain", "pretrain2", "sft", "reward", "dpo", "ppo"]
+        "pretrain", "pretrain2", "sft", "reward", "dpo", "ppo", "ppo_scalar_rm"]
+    # the classic route: ppo.yaml from SFT against the scalar reward model, value model from it too
+    rm = next(st for st in STAGES if st.name == "ppo_scalar_rm").config(demo)
+    assert (rm.reward_model_type, rm.reward_model_path, rm.model.name_or_path, rm.output_dir) == (
+        "scalar", "DIR/runs/reward", "DIR/runs/sft", "DIR/runs/ppo_scalar_rm")
+    assert rm.max_steps == PLANS["full"]["ppo_scalar_rm"]["max_steps"] and rm.judge == "shapes"
     # the second cosine: jaxpref/tasks/shapes/configs/pretrain.yaml again, from the first, with its own steps and data order
     pre2 = next(st for st in STAGES if st.name == "pretrain2").config(demo)
     assert (pre2.output_dir, pre2.model.name_or_path, pre2.data.dataset_name, pre2.max_steps, pre2.seed) == (
@@ -456,18 +466,18 @@ def test_a_tower_left_by_a_stopped_run_is_reused_with_its_own_time_only_if_the_p
 
 
 def test_the_report_names_the_reward_ppo_was_tuned_against(tmp_path):
-    from jaxpref.tasks.shapes.demo import _ppo_reward_text
+    from jaxpref.tasks.shapes.report import ppo_reward_text
 
     os.makedirs(tmp_path / "runs" / "ppo")
     config = tmp_path / "runs" / "ppo" / "config.yaml"
     config.write_text(f"reward_model_path: {tmp_path}/runs/reward\n")
-    assert _ppo_reward_text(str(tmp_path)) == "the reward model `runs/reward`"
+    assert ppo_reward_text(str(tmp_path)) == "the reward model `runs/reward`"
     config.write_text(f"reward_model_path: {tmp_path}/runs/dpo-rounds/round-1\nreward_model_type: implicit\n"
                       f"implicit_reward_beta: 0.1\nvalue_model_path: {tmp_path}/runs/reward\n")
-    assert _ppo_reward_text(str(tmp_path)) == ("the implicit reward of `runs/dpo-rounds/round-1` (beta 0.1 x log pi / "
+    assert ppo_reward_text(str(tmp_path)) == ("the implicit reward of `runs/dpo-rounds/round-1` (beta 0.1 x log pi / "
                                                "pi_sft; value model from `runs/reward`)")
     # after PPO's rounds the config names the last round's reward model: the report names the first's
-    assert _ppo_reward_text(str(tmp_path), "runs/dpo").startswith("the implicit reward of `runs/dpo` (beta 0.1")
+    assert ppo_reward_text(str(tmp_path), "runs/dpo").startswith("the implicit reward of `runs/dpo` (beta 0.1")
 
 
 def test_judge_bins_split_the_scores_at_0_one_half_and_1():
