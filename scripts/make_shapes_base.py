@@ -20,8 +20,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("demo_dir", help="a `jaxpref demo --from-scratch` output directory that finished pretrain2")
     p.add_argument("--out", default=BASE_DIR, help=f"where the base goes (default: {BASE_DIR})")
+    p.add_argument("--commit", default=None,
+                   help="the commit the demo ran at (default: the one its summary.json records, else HEAD)")
     args = p.parse_args()
-    info = write_base(args.demo_dir, args.out)
+    info = write_base(args.demo_dir, args.out, commit=args.commit)
     print(json.dumps({k: info[k] for k in ("command", "commit", "stages")}, indent=2))
     print(f"wrote {args.out}")
 

@@ -527,6 +527,7 @@ def test_a_base_made_from_scratch_is_what_the_demo_starts_from(tmp_path, monkeyp
     info = write_base(str(scratch), str(base))
     card = (base / "README.md").read_text()
     assert "jaxpref demo --from-scratch --until pretrain2" in card and info["commit"] in card
+    assert info["commit"] == json.loads((scratch / "summary.json").read_text())["commit"]  # where the stages ran
     assert read_base_info(str(base))["stages"]["tower"] == json.loads((scratch / "summary.json").read_text())[
         "stages"]["tower"]
     run_demo(str(tmp_path / "data-only"), quick=True, sets=SETS, until="data")

@@ -498,7 +498,15 @@ def take_base(demo: Demo, stage: str) -> dict:
     return {"seconds": info["stages"][stage]["seconds"], "shipped_base": info["commit"]}
 
 
-def write_base(demo_dir: str, out: str | None = None, command: str = "jaxpref demo --from-scratch --until pretrain2"):
+def current_commit() -> str | None:
+    """The git commit jaxpref runs from (short hash; None outside a git checkout)."""
+    r = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def write_base(demo_dir: str, out: str | None = None, command: str = "jaxpref demo --from-scratch --until pretrain2",
+               commit: str | None = None):
     """The base a from-scratch demo made (DIR/runs/pretrain2 and summary.json), as BASE_DIR holds it: the
     model files, jaxpref_base.json and a model card naming the command, data, seed and commit."""
     out = out or BASE_DIR
@@ -508,9 +516,7 @@ def write_base(demo_dir: str, out: str | None = None, command: str = "jaxpref de
         raise DemoError(f"{demo_dir} has not finished {', '.join(missing)}: run `{command} --out {demo_dir}` first")
     if not summary["plan"]["base"]["from_scratch"]:
         raise DemoError(f"{demo_dir} took its pretraining from the shipped base; make a base with --from-scratch")
-    repo = os.path.dirname(os.path.abspath(__file__))
-    commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = commit or summary.get("commit") or current_commit() or "unknown"  # the commit the stages ran at
     os.makedirs(out, exist_ok=True)
     for name in BASE_FILES:
         src = os.path.join(demo_dir, "runs", "pretrain2", name)
@@ -825,7 +831,8 @@ def _open_summary(demo: Demo, fingerprints: dict) -> dict:
     if not os.path.exists(path):
         if os.path.isdir(demo.out) and os.listdir(demo.out):
             raise DemoError(f"{demo.out} exists and is not a demo directory (no summary.json): choose another --out")
-        return {"quick": demo.quick, "plan": demo.plan, "configs": fingerprints, "stages": {}}
+        return {"quick": demo.quick, "plan": demo.plan, "configs": fingerprints, "commit": current_commit(),
+                "stages": {}}
     try:
         summary = read_summary(demo.out)
     except (OSError, json.JSONDecodeError) as e:
