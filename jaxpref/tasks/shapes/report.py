@@ -64,10 +64,8 @@ def format_summary(summary: dict, out: str) -> str:
     stages = summary["stages"]
     w = max(len(name) for name in list(stages) + ["total"])
     lines = [f"jaxpref demo ({'quick' if summary['quick'] else 'full'} plan): {out}", f"  {'stage':<{w}}  wall time"]
-    lines += [f"  {name:<{w}}  {duration(s['seconds']):>9}" + (f"  (reused from {s['reused_from']})"
-                                                               if "reused_from" in s else "")
-              for name, s in stages.items()]
-    lines.append(f"  {'total':<{w}}  {duration(sum(s['seconds'] for s in stages.values())):>9}")
+    lines += [f"  {name:<{w}}  {duration(s['seconds']):>9}" + _stage_note(s) for name, s in stages.items()]
+    lines.append(f"  {'total':<{w}}  {duration(run_seconds(stages)):>9}  (the stages run here: not the shipped base's)")
     if rm := summary.get("reward_model"):
         lines.append(f"reward model: accuracy {_f(rm.get('accuracy'))} against the labels (ceiling "
                      f"{_f(rm.get('label_agreement'))}), {_f(rm.get('gold_accuracy'))} against the gold judge")
@@ -80,6 +78,17 @@ def format_summary(summary: dict, out: str) -> str:
         lines.append(f"report: {os.path.join(out, 'report.md')} (plots in {os.path.join(out, 'img')}/, examples in "
                      f"{os.path.join(out, 'examples.html')})")
     return "\n".join(lines)
+
+
+def _stage_note(s: dict) -> str:
+    if "shipped_base" in s:
+        return f"  (the shipped base's, made at {s['shipped_base']}; not run here)"
+    return f"  (reused from {s['reused_from']})" if "reused_from" in s else ""
+
+
+def run_seconds(stages: dict) -> float:
+    """The wall time of the stages a demo ran (or reused): the shipped base's recorded times left out."""
+    return sum(s["seconds"] for s in stages.values() if s and "shipped_base" not in s)
 
 
 def _samples(out: str, method: str) -> list[dict]:
@@ -306,7 +315,9 @@ def write_report(out: str) -> str:
                     f"{plan['comparisons']['round_pairs']}) -> `runs/dpo` (`runs/dpo-rounds/`)"),
             "ppo": f"from `runs/sft` against {ppo_reward}: {_ppo_steps(summary, steps['ppo'])} -> `runs/ppo`"
                    + (" (`runs/ppo-rounds/`)" if ppo_rounds else ""),
-            "eval": f"reward-model accuracy; DPO and PPO against SFT on {n} prompts"
+            "ppo_scalar_rm": f"from `runs/sft` against the scalar reward model `runs/reward`: "
+                             f"{steps.get('ppo_scalar_rm')} iterations -> `runs/ppo_scalar_rm`",
+            "eval": f"reward-model accuracy; DPO, PPO and PPO-RM against SFT on {n} prompts"
                     + (f"; best-of-{plan['eval']['best_of']} of SFT" if plan["eval"].get("best_of") else "")
                     + (f"; each model's reads on {plan['eval']['reads']} short questions" if plan["eval"].get("reads")
                        else "") + " -> `eval/`",
@@ -314,10 +325,11 @@ def write_report(out: str) -> str:
     stages = dict(summary["stages"])
     stages.setdefault("report", None)  # this stage: still running
     for name, s in stages.items():
-        reused = f" (reused from `{s['reused_from']}`)" if s and "reused_from" in s else ""
-        lines.append(f"| {name} | {duration(s['seconds']) if s else '(this step)'} | {what.get(name, '')}{reused} |")
-    total = sum(s["seconds"] for s in stages.values() if s)
-    lines += [f"| total | {duration(total)} (before the report) | |", ""]
+        note = _stage_note(s).strip() if s else ""
+        lines.append(f"| {name} | {duration(s['seconds']) if s else '(this step)'} | {what.get(name, '')}"
+                     f"{' ' + note if note else ''} |")
+    lines += [f"| total | {duration(run_seconds(stages))} (before the report; the shipped base's stages not "
+              f"counted) | |", ""]
 
     lines += ["## Reward model", "",
               f"Pairwise accuracy on the {rm['num_pairs']} held-out preference pairs "
