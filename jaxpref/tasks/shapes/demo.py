@@ -129,15 +129,16 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
                   "patch_weight": 0.3, "seed": 0},
         "pretrain": {"max_steps": 50, "eval_steps": 50, "save_steps": 25},
         "pretrain2": {"max_steps": 25, "eval_steps": 25, "save_steps": 25, "seed": 43},
-        "sft": {"max_steps": 80, "eval_steps": 40, "save_steps": 40},
+        # one evaluation per trainer and no PPO rounds: on a 2-core CPU compiles are most of the quick plan's time
+        "sft": {"max_steps": 80, "eval_steps": 80, "save_steps": 80},
         "comparisons": {"prompts": "prompt", "num": 0, "n": 4, "pairs": "best-worst", "label_noise": 0.1, "mix": 0,
                         "seed": 1000, "dpo_rounds": 1, "round_pairs": "all", "round_steps": 20,
-                        "ppo_rounds": 1, "ppo_round_steps": 5},
-        "reward": {"max_steps": 30, "eval_steps": 15, "save_steps": 15},
+                        "ppo_rounds": 0, "ppo_round_steps": 5},
+        "reward": {"max_steps": 30, "eval_steps": 30, "save_steps": 30},
         "dpo": {"max_steps": 20, "eval_steps": 20, "save_steps": 20},
         "ppo": {"max_steps": 5, "eval_steps": 5, "save_steps": 5, "reward_model_type": "implicit"},
         "ppo_scalar_rm": {"max_steps": 5, "eval_steps": 5, "save_steps": 5, "reward_model_type": "scalar"},
-        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 4, "reads": 128},
+        "eval": {"num": 0, "max_new_tokens": 48, "batch_size": 32, "best_of": 2, "reads": 64},
     },
 }
 

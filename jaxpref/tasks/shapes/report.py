@@ -55,7 +55,8 @@ def _f(x, fmt: str = ".3f") -> str:
 
 
 def _method_rows(summary: dict) -> list[tuple[str, dict]]:
-    return [(name, summary[m]) for m, name in (("sft", "SFT (reference)"), ("dpo", "DPO"), ("ppo", "PPO"))
+    return [(name, summary[m]) for m, name in (("sft", "SFT (reference)"), ("dpo", "DPO"), ("ppo", "PPO"),
+                                                   ("ppo_scalar_rm", "PPO-RM"))
             if m in summary]
 
 
