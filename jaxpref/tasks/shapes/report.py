@@ -81,10 +81,11 @@ def format_summary(summary: dict, out: str) -> str:
     return "\n".join(lines)
 
 
-def _stage_note(s: dict) -> str:
+def _stage_note(s: dict, quote: str = "") -> str:
+    """Where a stage's time comes from, when it did not run here (`quote`: "`" in markdown)."""
     if "shipped_base" in s:
-        return f"  (the shipped base's, made at {s['shipped_base']}; not run here)"
-    return f"  (reused from {s['reused_from']})" if "reused_from" in s else ""
+        return f"  (the shipped base's, made at {quote}{s['shipped_base']}{quote}; not run here)"
+    return f"  (reused from {quote}{s['reused_from']}{quote})" if "reused_from" in s else ""
 
 
 def run_seconds(stages: dict) -> float:
@@ -326,7 +327,7 @@ def write_report(out: str) -> str:
     stages = dict(summary["stages"])
     stages.setdefault("report", None)  # this stage: still running
     for name, s in stages.items():
-        note = _stage_note(s).strip() if s else ""
+        note = _stage_note(s, "`").strip() if s else ""
         lines.append(f"| {name} | {duration(s['seconds']) if s else '(this step)'} | {what.get(name, '')}"
                      f"{' ' + note if note else ''} |")
     lines += [f"| total | {duration(run_seconds(stages))} (before the report; the shipped base's stages not "
