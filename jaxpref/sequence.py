@@ -92,6 +92,14 @@ def pair_forward(model: VLM, params, batch: dict):
     return out, seq
 
 
+def pair_scores(model: VLM, params, batch: dict):
+    """(r_chosen float32[B], r_rejected float32[B]): a scalar-head model's scores of both sequences of
+    every preference pair (pair_forward), read as its config.score_pooling says."""
+    values, seq = pair_forward(model, params, batch)
+    r = pooled_scores(values.astype(jnp.float32), seq, model.config.score_pooling).reshape(-1, 2)
+    return r[:, 0], r[:, 1]
+
+
 def response_logits(model: VLM, params, batch: dict, responses, response_mask):
     """The head's output at the positions predicting each response token: [B, T, ...] (logits
     for an LM head, values for a scalar head), i.e. sequence positions Lp-1 .. Lp+T-2."""

@@ -37,9 +37,8 @@ from jaxpref.data.sources import open_source
 from jaxpref.data.tokenizer import load_tokenizer
 from jaxpref.generate import generate
 from jaxpref.models import VLM, load_pretrained
-from jaxpref.objectives.reward import pooled_scores
 from jaxpref.objectives.sft import sft_loss
-from jaxpref.sequence import ImplicitReward, forward, log_ratio, pair_forward, reward_scores
+from jaxpref.sequence import ImplicitReward, forward, log_ratio, pair_scores, reward_scores
 from jaxpref.sharding import make_mesh
 
 
@@ -356,7 +355,7 @@ def reward_model_accuracy(reward_model: str, data: str, split: str = "eval", num
     tok = load_tokenizer(tokenizer or reward_model)
     processor = Processor(model.config, tok, ProcessorConfig(kind="preference", max_prompt_length=None,
                                                              max_completion_length=None, max_length=None))
-    score = jax.jit(lambda p, b: _pair_scores(model, p, b))
+    score = jax.jit(lambda p, b: pair_scores(model, p, b))
     rows = list(first_rows(data, split, num))
     if not rows:
         raise ValueError(f"{data} split {split!r} has no rows")
@@ -419,13 +418,6 @@ def real_and_shuffled_nll(model: VLM, params, batches) -> tuple[float, float]:
         shuffled += float(_nll_sum(model, params, {**b, "pixel_values": np.roll(b["pixel_values"], 1, axis=0)}))
         tokens += float(b["completion_mask"].sum())
     return real / tokens, shuffled / tokens
-
-
-def _pair_scores(model: VLM, params, batch):
-    """(r_chosen, r_rejected) float32[B] of a preference batch under a scalar-head model."""
-    values, seq = pair_forward(model, params, batch)
-    r = pooled_scores(values.astype(np.float32), seq, model.config.score_pooling).reshape(-1, 2)
-    return r[:, 0], r[:, 1]
 
 
 @partial(jax.jit, static_argnames="model")

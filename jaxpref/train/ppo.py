@@ -24,8 +24,8 @@ weights), reward = reward_model_path. Frozen roles are held in `frozen_dtype`.
 Evaluation (every eval_steps, on the first eval_num_prompts rows of dataset_test_split): the
 policy and the reference each sample a response per prompt; logged as eval_reward (reward model),
 eval_rm_win_rate, eval_kl and, with a `judge` (jaxpref.rewards), eval_win_rate (ties 1/2) and
-eval_judge_score; the samples go to output_dir/samples/step-N.jsonl. Where the reward rises and the judge score does not, the
-policy is exploiting the reward model; the report shows both.
+eval_judge_score; the samples go to output_dir/samples/step-N.jsonl. Where the reward rises and the
+judge score does not, the policy is exploiting the reward model; the report shows both.
 """
 
 from __future__ import annotations

@@ -20,17 +20,15 @@ from jaxpref.config import RewardConfig
 from jaxpref.data.processing import ProcessorConfig
 from jaxpref.models import VLM
 from jaxpref.models.config import VLMConfig
-from jaxpref.objectives.reward import pooled_scores, reward_loss
-from jaxpref.sequence import pair_forward
+from jaxpref.objectives.reward import reward_loss
+from jaxpref.sequence import pair_scores
 from jaxpref.train.loop import Task, run
 
 
 def rewards(params, batch: dict, *, model: VLM):
     """(r_chosen float32[B], r_rejected float32[B]) for a preference batch: prompt_ids/prompt_mask
     int32[B, Lp], chosen_/rejected_ids and _mask int32[B, Lc], pixel_values float32[B, n, H, W, 3]."""
-    values, seq = pair_forward(model, params, batch)
-    r = pooled_scores(values.astype(jnp.float32), seq, model.config.score_pooling).reshape(-1, 2)
-    return r[:, 0], r[:, 1]
+    return pair_scores(model, params, batch)
 
 
 def loss_fn(params, batch: dict, *, model: VLM, center_rewards_coefficient: float | None):
