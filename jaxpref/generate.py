@@ -35,6 +35,7 @@ kv_heads over tensor when they divide, per jaxpref.sharding's rules.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.struct
@@ -44,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from .models.vlm import VLM, default_positions
-from .sharding import logical_to_spec
+from .sharding import activation_sharding, logical_to_spec
 
 TEMPERATURE_EPS = 1e-7  # TRL: logits / (temperature + 1e-7)
 
@@ -142,7 +143,16 @@ def generate_tokens(model: VLM, params, pixel_values, input_ids, prompt_mask, to
     """The sampler as a traceable function, for callers that run it inside their own jit (PPO's
     iteration); `generate` is the checked, jitted entry point. Prefill, sample token 0 from its
     logits, then feed token t-1 and sample token t in a while_loop until N tokens or every row has
-    stopped. Returns GenerateOutput."""
+    stopped. Returns GenerateOutput. With a `cache_sharding`, activations are sharded on its mesh."""
+    on_mesh = contextlib.nullcontext() if cache_sharding is None else activation_sharding(cache_sharding.mesh)
+    with on_mesh:
+        return _sample(model, params, pixel_values, input_ids, prompt_mask, token_type_ids, rng, row_ids, temperature,
+                       top_p, eos, pad, max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
+                       cache_sharding=cache_sharding)
+
+
+def _sample(model: VLM, params, pixel_values, input_ids, prompt_mask, token_type_ids, rng, row_ids,
+            temperature, top_p, eos, pad, *, max_new_tokens: int, top_k: int, greedy: bool, cache_sharding):
     cfg = model.config
     b, tp = prompt_mask.shape
     n = max_new_tokens

@@ -60,14 +60,16 @@ def concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion
     }
 
 
-def forward(model: VLM, params, batch: dict, completion_ids, completion_mask, image_features=None):
+def forward(model: VLM, params, batch: dict, completion_ids, completion_mask, image_features=None,
+            head_window: tuple[int, int] | None = None):
     """(the head's output over prompt + completion: logits float[B, Lp+Lc, V] or values float32[B, Lp+Lc],
     the sequence dict of concat_prompt_completion). `image_features` (VLM.encode_images' output) stand in
-    for the batch's images when given (encoded once for several sequences)."""
+    for the batch's images when given (encoded once for several sequences); `head_window` (start,
+    length): the head's output at those positions only (VLM.__call__)."""
     seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], completion_ids, completion_mask)
     px = None if image_features is not None else images(batch)
     out = model.apply({"params": cast_floats(params, model.dtype)}, px, seq["input_ids"], seq["attention_mask"],
-                      seq["token_type_ids"], image_features=image_features).logits
+                      seq["token_type_ids"], image_features=image_features, head_window=head_window).logits
     return out, seq
 
 
@@ -76,19 +78,28 @@ def interleave(a, b):
     return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
 
 
-def pair_forward(model: VLM, params, batch: dict):
+def pair_forward(model: VLM, params, batch: dict, completions_only: bool = False):
     """The head's output over both sequences of every preference pair in ONE forward pass, each pair's
     images encoded once: (out [2B, T, ...], seq dict int32[2B, T]), rows interleaved (2i chosen,
     2i + 1 rejected of pair i, so each device keeps its own pairs). batch: prompt_ids/prompt_mask
-    int32[B, Lp], chosen_/rejected_ids and _mask int32[B, Lc], pixel_values float32[B, n, H, W, 3]."""
+    int32[B, Lp], chosen_/rejected_ids and _mask int32[B, Lc], pixel_values float32[B, n, H, W, 3].
+
+    completions_only: the head reads positions Lp-1 .. T-1 only (the last prompt token, which predicts
+    the first completion token, and the completion), and `seq` is cut to the same window, so a loss
+    over completion tokens (position t predicts token t + 1) reads them as it would the whole."""
     variables = {"params": cast_floats(params, model.dtype)}
     px = images(batch)
     features = None if px is None else model.apply(variables, px, method=VLM.encode_images)  # [B, n, N, E]
     chosen, rejected = (concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch[f"{c}_ids"],
                                                  batch[f"{c}_mask"]) for c in ("chosen", "rejected"))
     seq = {k: interleave(chosen[k], rejected[k]) for k in chosen}
+    lp, t = batch["prompt_ids"].shape[1], seq["input_ids"].shape[1]
+    window = (lp - 1, t - lp + 1) if completions_only else None
     out = model.apply(variables, None, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"],
-                      image_features=None if features is None else jnp.repeat(features, 2, axis=0)).logits
+                      image_features=None if features is None else jnp.repeat(features, 2, axis=0),
+                      head_window=window).logits
+    if completions_only:
+        seq = {k: v[:, lp - 1:] for k, v in seq.items()}
     return out, seq
 
 
@@ -102,10 +113,11 @@ def pair_scores(model: VLM, params, batch: dict):
 
 def response_logits(model: VLM, params, batch: dict, responses, response_mask):
     """The head's output at the positions predicting each response token: [B, T, ...] (logits
-    for an LM head, values for a scalar head), i.e. sequence positions Lp-1 .. Lp+T-2."""
-    out, _ = forward(model, params, batch, responses, response_mask)
+    for an LM head, values for a scalar head), i.e. sequence positions Lp-1 .. Lp+T-2 (the head
+    reads only those)."""
     lp = batch["prompt_ids"].shape[1]
-    return out[:, lp - 1:lp - 1 + responses.shape[1]]
+    out, _ = forward(model, params, batch, responses, response_mask, head_window=(lp - 1, responses.shape[1]))
+    return out
 
 
 def token_logprobs(logits, responses, temperature: float | None):

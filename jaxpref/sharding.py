@@ -9,12 +9,23 @@ A mesh axis is dropped from a parameter's spec when the dimension does not divid
     mesh = make_mesh(data=-1, fsdp=4, tensor=2)     # -1 absorbs the remaining devices
     params = shard_params(model, params, mesh)       # or init_sharded(model, rng, mesh)
     batch = jax.device_put(batch, batch_sharding(mesh))
+    step = jax.jit(on_mesh(step_fn, mesh), ...)      # activations constrained while it traces
+
+Activations: the models call `constrain(x, ("batch", "length", "act_heads", None))` at every layer;
+it is a no-op unless a function is being traced under `activation_sharding(mesh)` (what `on_mesh`
+wraps a step in), and then pins the batch over (data, fsdp) and heads / MLP / vocabulary over
+tensor. Without it XLA is free to keep the whole batch on every chip and all-reduce partial sums
+of fsdp-sharded matmuls, which is what it does: per-chip temporaries then stop shrinking with the
+slice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +39,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),
+    ("act_embed", None),  # the model width of an activation: whole on every chip (weights carry fsdp)
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
     # weights
     ("embed", "fsdp"),  # model width: FSDP shards parameters along it
     ("mlp", "tensor"),  # MLP width: Megatron-style column/row split
@@ -130,6 +146,44 @@ def init_sharded(model, rng, mesh: Mesh, rules=LOGICAL_RULES):
         return nn.meta.unbox(model.init(rng, px, ids, mask)["params"])
 
     return jax.jit(init, out_shardings=shardings)(rng)
+
+
+# ---------------------------------------------------------------------------
+# activations
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("jaxpref_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=LOGICAL_RULES):
+    """While active, `constrain` pins activations onto `mesh` by `rules` (enter it around tracing)."""
+    token = _ACTIVATIONS.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def on_mesh(fn: Callable, mesh: Mesh, rules=LOGICAL_RULES) -> Callable:
+    """`fn` traced under activation_sharding(mesh): wrap a step in it before jax.jit."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def constrain(x, names: Sequence[str | None]):
+    """x with a sharding constraint from its dims' logical `names` (see activation_sharding); x itself
+    when no mesh is active, or when the mesh has a single device."""
+    active = _ACTIVATIONS.get()
+    if active is None or x is None:
+        return x
+    mesh, rules = active
+    if mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -144,12 +144,37 @@ def test_paligemma_completions_attend_causally():
     changed["chosen_ids"][:, k] = (host["chosen_ids"][:, k] + 7) % 200 + 5
     a, b = np.asarray(per_token(state.params, host)), np.asarray(per_token(state.params, changed))
     pos = lp + k  # sequence index of the changed token; logp index pos - 1 predicts it
+    w = k  # pair_logits starts at position lp - 1: window index k is sequence position pos - 1
+    assert a.shape[1] == host["chosen_ids"].shape[1]  # the prompt's logits are never computed
     chosen_rows = slice(0, None, 2)
-    np.testing.assert_array_equal(a[chosen_rows, :pos - 1], b[chosen_rows, :pos - 1])
-    assert not np.allclose(a[chosen_rows, pos - 1], b[chosen_rows, pos - 1])  # the token itself did change
+    np.testing.assert_array_equal(a[chosen_rows, :w], b[chosen_rows, :w])
+    assert not np.allclose(a[chosen_rows, w], b[chosen_rows, w])  # the token itself did change
     np.testing.assert_array_equal(a[1::2], b[1::2])  # the rejected rows are untouched
     pa, pb = np.asarray(per_token_as_prefix(state.params, host)), np.asarray(per_token_as_prefix(state.params, changed))
     assert not np.allclose(pa[:, lp:pos - 1], pb[:, lp:pos - 1])  # as prefix, earlier tokens see the change
+
+
+def test_the_lm_head_over_the_completions_only_gives_the_whole_sequences_loss():
+    """pair_forward(completions_only=True) skips the prompt's logits; the DPO loss and every statistic
+    equal those of the logits over the whole sequence."""
+    from jaxpref.sequence import pair_forward
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    _, model, _, state = setup(mesh)
+    host = synthetic_batch(model, 3, "reward", seed=2)
+    ref = np.random.default_rng(0).normal(-20, 3, (2, 3)).astype(np.float32)
+    valid = np.ones(3, np.float32)
+
+    def stats(completions_only):
+        logits, seq = pair_forward(model, state.params, host, completions_only=completions_only)
+        return logits.shape[1], dpo_objective(logits, seq["input_ids"], seq["completion_mask"], ref[0], ref[1], valid,
+                                              beta=0.3)[1].report()
+
+    (t_full, full), (t_window, window) = stats(False), stats(True)
+    assert t_window == host["chosen_ids"].shape[1] + 1 < t_full
+    assert full.keys() == window.keys()
+    for k in full:
+        np.testing.assert_allclose(window[k], full[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_each_pairs_images_are_encoded_once(monkeypatch):

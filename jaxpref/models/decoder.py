@@ -6,7 +6,13 @@ Llama: RMSNorm scaled by w, SwiGLU, untied LM head.
 
 The layer stack is one `nn.scan` (parameters stacked on a leading `layers` axis), which keeps
 compile time flat in depth. The KV cache is a dict {"k", "v"} of [L, B, S, K, D] arrays written
-at a slot offset `cache_index`; see jaxpref/generate.py.
+at a slot offset `cache_index`; see jaxpref/generate.py. The whole cache rides in the scan's carry
+and each layer writes its new keys and values into its own slice of it in place, so a decode step
+writes B x T x K x D per layer, not a fresh copy of the cache (a cache scanned in and out as the
+layers' input and output would be rebuilt by every decode step).
+
+Activations carry logical axis names (jaxpref.sharding.constrain): the batch over the mesh's batch
+axes, heads and the MLP width over tensor.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpref.sharding import constrain
+
 from .config import TextConfig
 from .layers import ACT, Dtype, RMSNorm, apply_rope, attention, dense, rope_sin_cos
+
+HIDDEN = ("batch", "length", "act_embed")
 
 
 class DecoderLayer(nn.Module):
@@ -24,29 +34,34 @@ class DecoderLayer(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, layer_cache, mask, sin, cos, cache_index):
-        """x [B, T, E]; layer_cache None or {"k","v"}: [B, S, K, D]; mask bool[B, T, S or T]."""
+    def __call__(self, carry, layer_index, mask, sin, cos, cache_index):
+        """carry (x [B, T, E], cache None or {"k","v"}: [L, B, S, K, D]); layer_index int32[];
+        mask bool[B, T, S or T]. Returns ((x, cache), None): this layer's slots of the cache written."""
+        x, cache = carry
         c = self.config
         gemma = c.kind == "gemma"
         h, kv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        x = constrain(x, HIDDEN)
         y = RMSNorm(c.rms_norm_eps, gemma, self.dtype, name="input_norm")(x)
-        q = dense((h, hd), ("embed", "heads", "head_dim"), dtype=self.dtype, name="q")(y)
-        k = dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="k")(y)
-        v = dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="v")(y)
+        heads, kv_heads = ("batch", "length", "act_heads", None), ("batch", "length", "act_kv_heads", None)
+        q = constrain(dense((h, hd), ("embed", "heads", "head_dim"), dtype=self.dtype, name="q")(y), heads)
+        k = constrain(dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="k")(y), kv_heads)
+        v = constrain(dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="v")(y), kv_heads)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        new_cache = None
-        if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k, "v": v}
-        a = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd**-0.5)
+        if cache is not None:
+            at = (layer_index, 0, cache_index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], at),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], at)}
+            k, v = (jax.lax.dynamic_index_in_dim(cache[n], layer_index, 0, keepdims=False) for n in ("k", "v"))
+        a = constrain(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd**-0.5), heads)
         a = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype, name="o")(a)
-        x = x + a
+        x = constrain(x + a, HIDDEN)
         y = RMSNorm(c.rms_norm_eps, gemma, self.dtype, name="post_attn_norm")(x)
-        gate = dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="gate")(y)
-        up = dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="up")(y)
+        mlp = ("batch", "length", "act_mlp")
+        gate = constrain(dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="gate")(y), mlp)
+        up = constrain(dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="up")(y), mlp)
         y = dense(c.hidden_size, ("mlp", "embed"), dtype=self.dtype, name="down")(ACT[c.hidden_act](gate) * up)
-        return x + y, new_cache
+        return (constrain(x + y, HIDDEN), cache), None
 
 
 class Decoder(nn.Module):
@@ -83,5 +98,6 @@ class Decoder(nn.Module):
         Returns (hidden [B, T, E] after the final norm, updated cache or None).
         """
         sin, cos = rope_sin_cos(positions, self.config.head_dim, self.config.rope_theta)
-        x, cache = self.layers(x, cache, mask, sin, cos, cache_index)
+        layers = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        (x, cache), _ = self.layers((x, cache), layers, mask, sin, cos, cache_index)
         return self.final_norm(x), cache

@@ -10,6 +10,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxpref.sharding import constrain
+
 from .config import VisionConfig
 from .layers import ACT, Dtype, LayerNorm, attention, dense, logical
 
@@ -23,20 +25,21 @@ class VisionBlock(nn.Module):
         """x [N, P, D] -> [N, P, D]. Layers at index >= num_layers_to_run leave x unchanged."""
         c = self.config
         h, hd = c.num_attention_heads, c.head_dim
+        hidden, heads = ("batch", "length", "act_embed"), ("batch", "length", "act_heads", None)
+        x = constrain(x, hidden)
         y = LayerNorm(c.layer_norm_eps, self.dtype, name="ln1")(x)
-        q = dense((h, hd), ("embed", "heads", "head_dim"), use_bias=True, dtype=self.dtype, name="q")(y)
-        k = dense((h, hd), ("embed", "heads", "head_dim"), use_bias=True, dtype=self.dtype, name="k")(y)
-        v = dense((h, hd), ("embed", "heads", "head_dim"), use_bias=True, dtype=self.dtype, name="v")(y)
+        q, k, v = (constrain(dense((h, hd), ("embed", "heads", "head_dim"), use_bias=True, dtype=self.dtype,
+                                   name=n)(y), heads) for n in ("q", "k", "v"))
         full = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
-        a = attention(q, k, v, full, hd**-0.5)
+        a = constrain(attention(q, k, v, full, hd**-0.5), heads)
         a = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=True,
                   bias_axes=("embed",), dtype=self.dtype, name="o")(a)
-        y = x + a
+        y = constrain(x + a, hidden)
         z = LayerNorm(c.layer_norm_eps, self.dtype, name="ln2")(y)
         z = dense(c.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(z)
-        z = ACT[c.hidden_act](z)
+        z = constrain(ACT[c.hidden_act](z), ("batch", "length", "act_mlp"))
         z = dense(c.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(z)
-        out = y + z
+        out = constrain(y + z, hidden)
         return jnp.where(layer_index < num_layers_to_run, out, x), None
 
 

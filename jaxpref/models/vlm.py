@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpref.sharding import constrain
+
 from .config import VLMConfig
 from .decoder import Decoder
 from .layers import ACT, Dtype, dense
@@ -133,7 +135,7 @@ class VLM(nn.Module):
     def encode_images(self, pixel_values):
         """pixel_values float[..., H, W, 3] -> projected features [..., N_img_tokens, E]."""
         lead = pixel_values.shape[:-3]
-        x = self.vision(pixel_values.reshape((-1,) + pixel_values.shape[-3:]))
+        x = self.vision(constrain(pixel_values.reshape((-1,) + pixel_values.shape[-3:]), ("batch", None, None, None)))
         if self.freeze_vision:  # the tower's backward pass is never built
             x = jax.lax.stop_gradient(x)
         if self.config.family == "llava" and self.config.vision_feature_select_strategy == "default":
@@ -141,10 +143,11 @@ class VLM(nn.Module):
         x = self.proj_1(x)
         if self.config.projector == "mlp":
             x = self.proj_2(ACT[self.config.projector_hidden_act](x))
+        x = constrain(x, ("batch", "length", "act_embed"))
         return x.reshape(lead + x.shape[1:])
 
     def __call__(self, pixel_values, input_ids, attention_mask, token_type_ids=None, position_ids=None,
-                 cache=None, cache_index=0, image_features=None):
+                 cache=None, cache_index=0, image_features=None, head_window: tuple[int, int] | None = None):
         """Forward pass.
 
         pixel_values: float32[B, H, W, 3], [B, n, H, W, 3] (n images per row) or None (text only,
@@ -152,7 +155,10 @@ class VLM(nn.Module):
         input_ids: int32[B, T]; attention_mask: int[B, T], or int[B, S] over the cache slots when a
           cache is given; token_type_ids: int[B, T] or None (PaliGemma: 0 prefix, 1 suffix);
         position_ids: int32[B, T] (default from the mask; required with a cache);
-        cache: {"k", "v"}: [L, B, S, K, D] or None; cache_index: first slot the T tokens go to.
+        cache: {"k", "v"}: [L, B, S, K, D] or None; cache_index: first slot the T tokens go to;
+        head_window: (start, length): the head reads only positions start .. start + length - 1, so
+          `logits` is [B, length, ...] (a loss over the response never materialises the prompt's
+          [B, T, V] logits); None: every position. `hidden` is always [B, T, E].
         """
         c = self.config
         if image_features is None and pixel_values is not None:
@@ -166,6 +172,7 @@ class VLM(nn.Module):
             feats = image_features.reshape(shape)
             _check_image_tokens(input_ids, c.image_token_index, feats.shape[-2], per_row)
             text = merge_image_features(text, input_ids, c.image_token_index, feats)
+        text = constrain(text, ("batch", "length", "act_embed"))
         t = input_ids.shape[1]
         if position_ids is None:
             if cache is not None:
@@ -174,12 +181,14 @@ class VLM(nn.Module):
         mask = attention_mask_4d(attention_mask, token_type_ids, q_len=t, cache_index=cache_index,
                                  prefix_lm=c.prefix_lm)
         hidden, cache = self.decoder(text, mask, position_ids, cache, cache_index)
+        read = hidden if head_window is None else jax.lax.slice_in_dim(hidden, head_window[0],
+                                                                       head_window[0] + head_window[1], axis=1)
         if self.head == "scalar":
-            out = self.score(hidden)[..., 0].astype(jnp.float32)
+            out = constrain(self.score(read)[..., 0].astype(jnp.float32), ("batch", "length"))
         elif c.text.tie_word_embeddings:
-            out = self.decoder.attend(hidden)
+            out = constrain(self.decoder.attend(read), ("batch", "length", "act_vocab"))
         else:
-            out = self.lm_head(hidden)
+            out = constrain(self.lm_head(read), ("batch", "length", "act_vocab"))
         return VLMOutput(logits=out, hidden=hidden, cache=cache)
 
 

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpref.objectives import Stats
+from jaxpref.sharding import on_mesh
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -129,11 +130,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def jit_train_step(step_fn: Callable, shardings: TrainState, mesh: Mesh, frozen_shardings=None):
-    """step_fn(state, batch) jitted: explicit in/out shardings, the state donated. With
-    `frozen_shardings` the jitted function is step_fn(state, batch, frozen)."""
+    """step_fn(state, batch) jitted: explicit in/out shardings, the state donated, activations
+    sharded over the batch axes (jaxpref.sharding.on_mesh). With `frozen_shardings` the jitted
+    function is step_fn(state, batch, frozen)."""
     replicated = NamedSharding(mesh, P())
     extra = () if frozen_shardings is None else (frozen_shardings,)
-    return jax.jit(step_fn, in_shardings=(shardings, micro_batch_sharding(mesh), *extra),
+    return jax.jit(on_mesh(step_fn, mesh), in_shardings=(shardings, micro_batch_sharding(mesh), *extra),
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 
@@ -141,5 +143,5 @@ def jit_eval_step(eval_fn: Callable, param_shardings, mesh: Mesh, frozen_shardin
     """eval_fn(params, batch) jitted with explicit shardings; statistics replicated. With
     `frozen_shardings` the jitted function is eval_fn(params, batch, frozen)."""
     extra = () if frozen_shardings is None else (frozen_shardings,)
-    return jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding(mesh), *extra),
+    return jax.jit(on_mesh(eval_fn, mesh), in_shardings=(param_shardings, batch_sharding(mesh), *extra),
                    out_shardings=NamedSharding(mesh, P()))
