@@ -159,6 +159,9 @@ class TrainingConfig:
     """Compute in bfloat16 with float32 master parameters (TRL's default)."""
     gradient_checkpointing: bool = True
     """Recompute each layer's activations in the backward pass (TRL's default)."""
+    profile_steps: tuple[int, ...] | None = None
+    """[start, stop]: write a jax.profiler trace of optimizer steps start .. stop - 1 to
+    output_dir/trace (TensorBoard's profile plugin and Perfetto open it); null: none."""
     model: ModelArgs = ModelArgs()
     """What to train."""
     data: DataArgs = DataArgs()
@@ -198,6 +201,9 @@ class TrainingConfig:
         _check(self.eval_steps is None or self.data.dataset_test_split is not None, "eval_steps",
                "needs data.dataset_test_split")
         _check(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        p = self.profile_steps
+        _check(p is None or (len(p) == 2 and 1 <= p[0] < p[1]), "profile_steps",
+               f"must be [start, stop] with 1 <= start < stop, got {list(p) if p else p}")
         _check(self.data.num_images >= 0, "data.num_images", "must be >= 0")
         b = self.data.length_buckets
         _check(bool(b) and list(b) == sorted(set(b)) and b[0] >= 1, "data.length_buckets",
@@ -283,10 +289,14 @@ class DPOConfig(TrainingConfig):
     by row position in output_dir/ref_logps/, and free it (works with images, unlike TRL)."""
     ref_model: str | None = None
     """The frozen reference: a preset or an HF directory (null: the weights training starts from)."""
+    frozen_dtype: str = "float32"
+    """dtype the reference is held in: float32 or bfloat16 (half the memory; it computes in the
+    step's dtype either way)."""
 
     def validate(self) -> "DPOConfig":
 
         super().validate()
+        _choice("frozen_dtype", self.frozen_dtype, ("float32", "bfloat16"))
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         _check(bool(self.loss_type), "loss_type", f"needs at least one of {sorted(LOSSES)}")
         for t in self.loss_type:

@@ -1,80 +1,142 @@
-"""Profiling jitted functions: compile time, step time, FLOPs, MFU and memory.
+"""Measuring jitted programs: compile time, step time, FLOPs, MFU, per-device memory, collectives,
+traces; and TPU topologies for ahead-of-time compiles on a CPU host.
 
-    report = profile_forward(model, params, batch=8)
-    print(format_report(report))
+    m = measure(jitted_fn, args, iters=5)          # args: arrays or ShapeDtypeStructs with shardings
+    m = measure(jitted_fn, abstract_args, run=False)   # compile only (an AOT topology's devices)
 
-Numbers come from the compiler itself (`compiled.cost_analysis()` for FLOPs,
-`compiled.memory_analysis()` for buffers) and wall-clock timing of the compiled function
-after warm-up, synchronised with `block_until_ready`.
+The trainers' real steps are built by jaxpref.train.program; `jaxpref profile` drives both. Numbers
+come from the compiler (`memory_analysis()` per device, `cost_analysis()` FLOPs, the optimised HLO's
+collectives) and from wall-clock timing of the compiled program after warm-up, synchronised with
+`block_until_ready`.
+
+FLOPs: the analytic count (`vision_flops`, `text_flops`: 2 per multiply-add of every matmul,
+attention included, from the config) is what MFU uses. XLA's `cost_analysis` counts the body of a
+`lax.scan` once, not once per iteration, so for jaxpref's scanned layer stacks it reports roughly
+one layer's worth; both are reported, with their ratio. On an unscanned (one-layer) model the two
+agree to within the elementwise work XLA also counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+import os
+import re
+import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from .models import VLM, dummy_inputs
+from .models.config import VLMConfig
 
-# Peak dense bf16 FLOP/s per chip, for MFU. CPU has no meaningful peak: MFU is left out there.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-              "TPU v6e": 918e12}
+GiB = 2**30
 
-
-@dataclasses.dataclass
-class ProfileReport:
-    name: str
-    compile_seconds: float
-    step_seconds: float  # median over `iters` runs
-    flops: float | None  # per call (forward_flops for a forward pass; else the compiler's count)
-    memory_bytes: dict[str, int]  # argument / output / temp / generated-code sizes
-    device_kind: str
-    num_devices: int
-    compiler_flops: float | None = None  # XLA cost analysis (scan bodies counted once)
-
-    @property
-    def tflops_per_second(self) -> float | None:
-        return None if not self.flops else self.flops / self.step_seconds / 1e12
-
-    @property
-    def mfu(self) -> float | None:
-        peak = PEAK_FLOPS.get(self.device_kind)
-        return None if (peak is None or not self.flops) else self.flops / self.step_seconds / (peak * self.num_devices)
+# Peak dense bf16 FLOP/s and memory per device, by the name JAX reports (`device.device_kind`).
+# A v5p reports itself as "TPU v5", a v5e as "TPU v5 lite", a v6e as "TPU v6 lite". A v4 chip is
+# one device (megacore); a v4 topology compiled ahead of time lists each of its two cores as a device.
+DEVICES: dict[str, tuple[float, float]] = {
+    "TPU v4": (275e12, 32 * GiB),
+    "TPU v5 lite": (197e12, 16 * GiB),
+    "TPU v5": (459e12, 95 * GiB),
+    "TPU v6 lite": (918e12, 32 * GiB),
+    "NVIDIA H100": (989e12, 80e9),
+    "NVIDIA H200": (989e12, 141e9),
+}
+SLICE_NAMES = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
 
 
-def _memory(compiled) -> dict[str, int]:
+def device_spec(kind: str) -> tuple[float, float] | None:
+    """(peak FLOP/s, memory bytes) of a device kind; the NVIDIA names carry their memory size as a
+    suffix ("NVIDIA H100 80GB HBM3"), so those match by prefix."""
+    if kind in DEVICES:
+        return DEVICES[kind]
+    return next((v for k, v in DEVICES.items() if k.startswith("NVIDIA") and kind.startswith(k)), None)
+
+
+def device_memory_bytes(device, devices_per_chip: int = 1) -> int | None:
+    """What one device can hold: its allocator's limit when it reports one, else the table's chip
+    memory / `devices_per_chip` (2 on a v4 topology compiled ahead of time: each core a device); on a
+    CPU, the host's RAM (simulated devices share it)."""
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return int(limit)
+    except Exception:  # AOT topology devices and some backends have no allocator
+        pass
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    spec = device_spec(device.device_kind)
+    return None if spec is None else int(spec[1] / devices_per_chip)
+
+
+def count_chips(devices) -> int:
+    """Chips, not cores: devices sharing their coordinates are cores of one chip (a v4 topology)."""
+    coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
+    return len(coords) or len(devices)
+
+
+# ---------------------------------------------------------------------------
+# analytic FLOPs (2 per multiply-add)
+
+
+def vision_flops(config: VLMConfig, images: int) -> float:
+    """The vision tower and projector over `images` images."""
+    v, e = config.vision, config.text.hidden_size
+    p, dv = v.num_positions, v.hidden_size
+    layer = 2 * p * dv * (4 * dv + 2 * v.intermediate_size) + 4 * p * p * dv
+    tower = v.num_patches * 2 * v.patch_size ** 2 * 3 * dv + v.num_hidden_layers * layer
+    n = config.num_image_tokens
+    proj = 2 * n * dv * e + (2 * n * e * e if config.projector == "mlp" else 0)
+    return float(images * (tower + proj))
+
+
+def text_flops(config: VLMConfig, rows: int, tokens: int, context: int | None = None,
+               head_positions: int | None = None, head_width: int | None = None) -> float:
+    """The decoder over `rows` x `tokens` new tokens, each attending to `context` keys (default
+    `tokens`), and the head at `head_positions` of them (default all) with `head_width` outputs
+    (default the vocabulary; 1 for a scalar head)."""
+    t = config.text
+    e = t.hidden_size
+    context = tokens if context is None else context
+    q_o = 2 * 2 * e * t.num_attention_heads * t.head_dim
+    kv = 2 * 2 * e * t.num_key_value_heads * t.head_dim
+    attn = 2 * 2 * context * t.num_attention_heads * t.head_dim
+    layers = t.num_hidden_layers * (q_o + kv + attn + 3 * 2 * e * t.intermediate_size)
+    head = 2 * e * (t.vocab_size if head_width is None else head_width)
+    return float(rows * (tokens * layers + (tokens if head_positions is None else head_positions) * head))
+
+
+def forward_flops(config: VLMConfig, batch: int, seq: int, images_per_row: int = 1) -> float:
+    """One forward pass over `batch` rows of `seq` tokens with `images_per_row` images, the LM head at
+    every position."""
+    return vision_flops(config, batch * images_per_row) + text_flops(config, batch, seq)
+
+
+# ---------------------------------------------------------------------------
+# what the compiler says
+
+
+def memory(compiled) -> dict[str, int]:
+    """Per-device bytes: argument, output, temp, generated_code, alias ({} where not implemented)."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # some backends do not implement it
         return {}
     if m is None:
         return {}
-    names = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
-    return {n.replace("_size_in_bytes", ""): int(getattr(m, n)) for n in names if hasattr(m, n)}
+    names = ("argument", "output", "temp", "generated_code", "alias")
+    return {n: int(getattr(m, f"{n}_size_in_bytes")) for n in names if hasattr(m, f"{n}_size_in_bytes")}
 
 
-def forward_flops(config, batch: int, seq: int, images_per_row: int = 1) -> float:
-    """Matmul FLOPs of one forward pass (2 per multiply-add), counted from the config.
-
-    XLA's cost analysis counts a scanned layer stack's loop body once, not once per layer, so
-    step FLOPs and MFU use this count; `ProfileReport.compiler_flops` keeps the compiler's.
-    """
-    v, t = config.vision, config.text
-    p, dv = v.num_positions, v.hidden_size
-    vision_layer = 2 * p * dv * (4 * dv + 2 * v.intermediate_size) + 4 * p * p * dv
-    vision = v.num_patches * 2 * v.patch_size ** 2 * 3 * dv + v.num_hidden_layers * vision_layer
-    n, e = config.num_image_tokens, t.hidden_size
-    proj = 2 * n * dv * e + (2 * n * e * e if config.projector == "mlp" else 0)
-    q_o = 2 * 2 * e * t.num_attention_heads * t.head_dim
-    kv = 2 * 2 * e * t.num_key_value_heads * t.head_dim
-    attn = 2 * 2 * seq * t.num_attention_heads * t.head_dim
-    text_token = t.num_hidden_layers * (q_o + kv + attn + 3 * 2 * e * t.intermediate_size) + 2 * e * t.vocab_size
-    return float(batch * images_per_row * (vision + proj) + batch * seq * text_token)
+def per_device_bytes(mem: dict[str, int]) -> int:
+    """Arguments + outputs + temporaries - what outputs alias of donated arguments."""
+    return mem.get("argument", 0) + mem.get("output", 0) + mem.get("temp", 0) - mem.get("alias", 0)
 
 
-def _flops(compiled) -> float | None:
+def xla_flops(compiled) -> float | None:
     try:
         ca = compiled.cost_analysis()
     except Exception:
@@ -84,44 +146,140 @@ def _flops(compiled) -> float | None:
     return float(ca["flops"]) if ca and "flops" in ca else None
 
 
-def profile_jitted(name: str, fn, *args, iters: int = 5, flops: float | None = None) -> ProfileReport:
-    """Lowers, compiles and times `fn(*args)` (fn already jitted). `flops`: the analytic count, if known."""
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"=\s*[^=]*?\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                         r"(?:-start)?\(")
+
+
+def collectives(compiled) -> dict[str, int]:
+    """How many of each collective the optimised program holds (async start/done pairs once)."""
+    try:
+        text = compiled.as_text()
+    except Exception:
+        return {}
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    for m in _COLLECTIVE.finditer(text or ""):
+        counts[m.group(1)] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def matmul_peak(dtype=jnp.float32, n: int = 2048, iters: int = 5) -> float:
+    """FLOP/s of one large jitted matmul on the default backend: the CPU's reference peak for MFU,
+    measured in the same run as the step it judges (simulated devices share it)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best = min(_timed(lambda: f(a)) for _ in range(iters))
+    return 2 * n**3 / best
+
+
+def _timed(call) -> float:
     t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    dev = jax.devices()[0]
-    xla_flops = _flops(compiled)
-    return ProfileReport(name, compile_s, float(np.median(times)), flops or xla_flops, _memory(compiled),
-                         dev.device_kind, jax.device_count(), xla_flops)
+    jax.block_until_ready(call())
+    return time.perf_counter() - t0
 
 
-def profile_forward(model: VLM, params, batch: int = 8, seq: int | None = None, iters: int = 5) -> ProfileReport:
-    """Profile of one jitted forward pass over a dummy batch (one image per row)."""
-    px, ids, mask = dummy_inputs(model.config, batch, seq)
-    fwd = jax.jit(lambda p, px, ids, mask: model.apply({"params": p}, px, ids, mask).logits)
-    return profile_jitted(f"forward B={batch} T={ids.shape[1]}", fwd, params, px, ids, mask, iters=iters,
-                          flops=forward_flops(model.config, batch, ids.shape[1]))
+# ---------------------------------------------------------------------------
+# measuring one program
 
 
-def format_report(r: ProfileReport) -> str:
-    lines = [f"{r.name} on {r.num_devices} x {r.device_kind}",
-             f"  compile      {r.compile_seconds:8.2f} s",
-             f"  step         {r.step_seconds * 1e3:8.1f} ms (median)"]
-    if r.flops:
-        lines.append(f"  FLOPs        {r.flops / 1e9:8.2f} GFLOP per call, {r.tflops_per_second:.3f} TFLOP/s")
-    if r.compiler_flops and r.compiler_flops != r.flops:
-        lines.append(f"  (XLA's count {r.compiler_flops / 1e9:.2f} GFLOP: a scanned layer stack is counted once)")
-    if r.mfu is not None:
-        lines.append(f"  MFU          {100 * r.mfu:8.1f} %")
-    for k, v in r.memory_bytes.items():
-        lines.append(f"  memory {k:15s} {v / 2**20:8.1f} MiB")
-    return "\n".join(lines)
+@dataclasses.dataclass
+class Measurement:
+    compile_seconds: float
+    memory: dict[str, int]  # per device
+    xla_flops: float | None
+    collectives: dict[str, int]
+    step_seconds: list[float] = dataclasses.field(default_factory=list)  # timed calls after warm-up
+    out_of_memory: str | None = None  # the compiler's refusal, when the program cannot fit the device
+
+    @property
+    def per_device_bytes(self) -> int:
+        return per_device_bytes(self.memory)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.step_seconds) if self.step_seconds else None
+
+
+def concrete(abstract):
+    """Arrays for a tree of ShapeDtypeStructs, placed on their shardings: floats 0, integers 1 (a valid
+    token id and an attended mask), so a step runs without data or weights."""
+    def make(s):
+        value = np.zeros(s.shape, s.dtype) if jnp.issubdtype(s.dtype, jnp.floating) else np.ones(s.shape, s.dtype)
+        return jax.device_put(value, s.sharding) if getattr(s, "sharding", None) is not None else jnp.asarray(value)
+
+    return jax.tree.map(make, abstract)
+
+
+def measure(fn, args: tuple, *, run: bool = True, iters: int = 5, warmup: int = 1, trace_dir: str | None = None,
+            donates_first: bool = False) -> Measurement:
+    """Compiles jitted `fn` for `args` and, with `run`, times `iters` calls after `warmup` (on arrays made
+    by `concrete` where args are abstract). `donates_first`: fn returns a new first argument in place of
+    its donated one (a train state), which the next call takes. `trace_dir`: a jax.profiler trace of
+    the timed calls."""
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # a TPU compiler refuses a program that cannot fit its HBM
+        oom = out_of_memory(str(e), argument_bytes(args))
+        if oom is None:
+            raise
+        return Measurement(time.perf_counter() - t0, oom, None, {}, out_of_memory=str(e).splitlines()[0][:400])
+    m = Measurement(time.perf_counter() - t0, memory(compiled), xla_flops(compiled), collectives(compiled))
+    if not run:
+        return m
+    args = tuple(concrete(a) if _abstract(a) else a for a in args)
+
+    def call():
+        nonlocal args
+        out = compiled(*args)
+        if donates_first:
+            args = (out[0],) + args[1:]
+        return out
+
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    if trace_dir:
+        with jax.profiler.trace(trace_dir):
+            m.step_seconds = [_timed(call) for _ in range(iters)]
+    else:
+        m.step_seconds = [_timed(call) for _ in range(iters)]
+    return m
+
+
+def argument_bytes(args) -> int:
+    """Bytes of `args` one device holds (each leaf's shard under its sharding; whole when it has none)."""
+    total = 0
+    for x in jax.tree.leaves(args):
+        shape = x.shape
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None:
+            shape = sharding.shard_shape(shape)
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(message: str, arguments: int) -> dict[str, int] | None:
+    """Per-device memory read off a TPU compiler's RESOURCE_EXHAUSTED message (None: another error):
+    the temporaries it asked for, with the arguments' shards."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    if m:
+        return {"argument": arguments, "temp": int(float(m.group(1)) * _UNITS[m.group(2)])}
+    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
+    if m:
+        used = int(float(m.group(1)) * _UNITS[m.group(2)])
+        return {"argument": arguments, "temp": max(used - arguments, 0)}
+    return {"argument": arguments}
+
+
+def _abstract(tree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
 def count_params(params) -> int:
@@ -129,76 +287,54 @@ def count_params(params) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Ahead-of-time compilation for a TPU topology, on a CPU host (needs libtpu: pip install 'jaxpref[tpu]')
+# TPU topologies on a CPU host (needs libtpu: pip install 'jaxpref[tpu]')
 
 
-@dataclasses.dataclass
-class AOTReport:
-    name: str
-    topology: str
-    num_chips: int
-    mesh: dict[str, int]
-    compile_seconds: float
-    flops: float  # per call, whole program (all chips), from forward_flops
-    memory_bytes: dict[str, int]  # per chip
-
-    @property
-    def per_chip_bytes(self) -> int:
-        m = self.memory_bytes
-        return m.get("argument", 0) + m.get("output", 0) + m.get("temp", 0) - m.get("alias", 0)
+class TopologyError(RuntimeError):
+    """A TPU topology that cannot be described here (no libtpu, an unknown name, a held lock)."""
 
 
-def topology_devices(topology: str):
-    """Devices of a TPU topology such as "v5p:4x4x4" or "v5e:2x2", without TPUs attached."""
+def topology_name(spec: str) -> str:
+    """"v5e:4x4" as given; a slice name "v5e-16" / "v5p-32" / "v4-16" -> its topology. The number in a
+    v4 or v5p slice name counts TensorCores (two per chip), in a v5e or v6e name chips."""
+    if ":" in spec:
+        return spec
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", spec)
+    if not m:
+        raise TopologyError(f"topology {spec!r}: give a slice (v5e-16, v5p-32, v4-16, v6e-8) or a topology "
+                            f"(v5e:4x4, v5p:2x2x4)")
+    gen, n = m.group(1), int(m.group(2))
+    chips = n // 2 if gen in ("v4", "v5p") else n
+    if gen in ("v5e", "v6e"):
+        shapes = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+    else:
+        shapes = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+                  512: "8x8x8"}
+    if chips not in shapes:
+        per = 2 if gen in ("v4", "v5p") else 1
+        sizes = ", ".join(f"{gen}-{c * per}" for c in shapes)
+        raise TopologyError(f"topology {spec!r}: no {gen} slice of {chips} chips; sizes: {sizes}")
+    return f"{gen}:{shapes[chips]}"
+
+
+def topology_devices(spec: str):
+    """Devices of a TPU topology ("v5p:4x4x4", "v5e-16"), without TPUs attached. Call with
+    jax_platforms=cpu; another process's libtpu lock is not in the way of an AOT compile
+    (ALLOW_MULTIPLE_LIBTPU_LOAD=1 is set unless the environment says otherwise)."""
+    name = topology_name(spec)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if importlib.util.find_spec("libtpu") is None:
+        raise TopologyError("AOT compiles for a TPU topology need libtpu: pip install 'jaxpref[tpu]'")
     try:
         from jax.experimental.topologies import get_topology_desc
 
-        return get_topology_desc(platform="tpu", topology_name=topology).devices
-    except Exception as e:  # no libtpu, or an unknown topology name
-        raise RuntimeError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {e}); AOT compiles need "
-                           f"libtpu: pip install 'jaxpref[tpu]'") from e
+        return get_topology_desc(platform="tpu", topology_name=name).devices
+    except Exception as e:
+        if "lockfile" in str(e).lower():
+            raise TopologyError("libtpu's lock (/tmp/libtpu_lockfile) is held by another process: wait for it, "
+                                "or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 (ahead-of-time compiles never touch a TPU)") from e
+        raise TopologyError(f"cannot describe TPU topology {name!r}: {type(e).__name__}: {e}") from e
 
 
-def aot_forward(model: VLM, topology: str, *, data: int = -1, fsdp: int = 1, tensor: int = 1, batch: int = 8,
-                seq: int | None = None) -> AOTReport:
-    """Compiles the jitted, sharded forward pass for `topology` without running it.
-
-    Parameters and batch are abstract (`jax.ShapeDtypeStruct` with shardings on the topology's
-    mesh), so nothing is allocated: a 7B model compiles on a laptop.
-    """
-    from jax.sharding import NamedSharding
-
-    from .models.hf import param_shapes
-    from .sharding import batch_sharding, make_mesh, param_shardings
-
-    devices = topology_devices(topology)
-    mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=devices)
-    shardings = param_shardings(model, mesh)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            param_shapes(model), shardings)
-    px, ids, mask = dummy_inputs(model.config, batch, seq)
-    a = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim))
-    fwd = jax.jit(lambda p, px, ids, mask: model.apply({"params": p}, px, ids, mask).logits,
-                  out_shardings=NamedSharding(mesh, batch_sharding(mesh, 3).spec))
-    t0 = time.perf_counter()
-    compiled = fwd.lower(abstract, a(px), a(ids), a(mask)).compile()
-    secs = time.perf_counter() - t0
-    mem = _memory(compiled)
-    try:
-        mem["alias"] = int(compiled.memory_analysis().alias_size_in_bytes)
-    except Exception:
-        pass
-    return AOTReport(f"forward B={batch} T={ids.shape[1]}", topology, len(devices), dict(mesh.shape), secs,
-                     forward_flops(model.config, batch, ids.shape[1]), mem)
-
-
-def format_aot(r: AOTReport) -> str:
-    mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
-    lines = [f"{r.name}: AOT for {r.topology} ({r.num_chips} chips, mesh {mesh})",
-             f"  compile      {r.compile_seconds:8.2f} s"]
-    if r.flops:
-        lines.append(f"  FLOPs        {r.flops / 1e12:8.3f} TFLOP per call")
-    for k, v in r.memory_bytes.items():
-        lines.append(f"  memory {k:15s} {v / 2**30:8.3f} GiB per chip")
-    lines.append(f"  total        {r.per_chip_bytes / 2**30:8.3f} GiB per chip (arguments + outputs + temporaries)")
-    return "\n".join(lines)
+def fmt_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"

@@ -476,7 +476,7 @@ def test_run_logs_trl_metrics_evaluates_and_exports(tiny_task, tmp_path):
 
     out = tmp_path / "rm"
     cfg = load_config("reward", None, run_overrides(tiny_task, "reward", out, center_rewards_coefficient=0.01,
-                                                    save_total_limit=2,
+                                                    save_total_limit=2, profile_steps="3,5",
                                                     **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
     final = reward.run_reward(cfg)
     records = read_metrics(str(out))
@@ -484,7 +484,9 @@ def test_run_logs_trl_metrics_evaluates_and_exports(tiny_task, tmp_path):
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12] and [r["step"] for r in evals] == [6, 12]
     assert set(train[0]) == {"step", "epoch", "loss", "grad_norm", "learning_rate", "accuracy", "margin",
-                             "min_reward", "mean_reward", "max_reward", "num_tokens"}
+                             "min_reward", "mean_reward", "max_reward", "num_tokens", "step_seconds"}
+    assert all(r["step_seconds"] > 0 for r in train) and "mfu" not in train[0]  # no known peak on a CPU
+    assert list((out / "trace").glob("**/*.xplane.pb")), "profile_steps wrote no trace"
     assert train[-1]["epoch"] == 12 * (4 * 2 * 2) / 48 and train[-1]["learning_rate"] == 0.0  # 4 rows x data x fsdp
     assert [r["num_tokens"] for r in train] == sorted(r["num_tokens"] for r in train) and train[0]["num_tokens"] > 0
     assert {k: evals[-1][k] for k in final} == final and 0 <= final["eval_accuracy"] <= 1

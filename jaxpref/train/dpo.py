@@ -35,10 +35,11 @@ from jaxpref.data.sources import Source, assign_shards, open_source
 from jaxpref.data.tokenizer import load_tokenizer
 from jaxpref.models import VLM
 from jaxpref.objectives.dpo import completion_logps, dpo_objective
+from jaxpref.profile import text_flops, vision_flops
 from jaxpref.sequence import pair_forward
-from jaxpref.sharding import make_mesh, param_shardings
+from jaxpref.sharding import make_mesh, on_mesh, param_shapes, param_shardings
 from jaxpref.train.checkpoint import gather_json
-from jaxpref.train.loop import (Task, build_model, device_batch, load_params, model_config, pad_rows, run,
+from jaxpref.train.loop import (DTYPES, Task, build_model, device_batch, load_params, model_config, pad_rows, run,
                                 tokenizer_spec)
 from jaxpref.train.reward import count_tokens
 
@@ -53,9 +54,10 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def pair_logits(params, batch: dict, *, model: VLM):
-    """The model's logits over both sequences of every pair, and the sequence they score
-    (jaxpref.sequence.pair_forward: logits [2B, T, V], rows interleaved)."""
-    return pair_forward(model, params, batch)
+    """The model's logits over both sequences of every pair from the last prompt position on, and the
+    sequence they score, cut to the same window (jaxpref.sequence.pair_forward with completions_only:
+    logits [2B, Lc + 1, V], rows interleaved): the prompt's logits are never computed."""
+    return pair_forward(model, params, batch, completions_only=True)
 
 
 def reference_logps(ref_params, batch: dict, *, model: VLM):
@@ -97,20 +99,28 @@ def reference_spec(cfg: DPOConfig) -> str:
 
 
 def load_reference(cfg: DPOConfig, model: VLM, mesh):
-    """(params, shardings) of the frozen reference on `mesh`, in model.dtype. A preset is initialised
-    from cfg.seed, like the policy; a directory must hold the policy's architecture."""
+    """(params, shardings) of the frozen reference on `mesh`, in cfg.frozen_dtype. A preset is
+    initialised from cfg.seed, like the policy; a directory must hold the policy's architecture."""
     spec = reference_spec(cfg)
     if model_config(spec, "ref_model") != model.config:
         what = spec if os.path.isdir(spec) else f"preset {spec!r}"
         raise ConfigError(f"ref_model: {what} is not the policy's architecture ({cfg.model.name_or_path})")
-    return load_params(spec, model.clone(head="lm"), cfg.model.dtype, mesh, cfg.seed), param_shardings(model, mesh)
+    ref = model.clone(head="lm", dtype=DTYPES[cfg.frozen_dtype])
+    return load_params(spec, ref, cfg.frozen_dtype, mesh, cfg.seed), param_shardings(model, mesh)
 
 
-def frozen_reference(cfg: DPOConfig, mesh):
-    """The Task hook: the reference's params for the step, unless they were precomputed."""
+def frozen_reference(cfg: DPOConfig, mesh, abstract: bool = False):
+    """The Task hook: the reference's params for the step, unless they were precomputed; with
+    `abstract`, their shapes (in cfg.frozen_dtype, carrying their shardings), nothing loaded."""
     if cfg.precompute_ref_log_probs:
         return None
-    return load_reference(cfg, build_model(cfg, "lm"), mesh)
+    model = build_model(cfg, "lm")
+    if abstract:
+        shardings = param_shardings(model, mesh)
+        shapes = param_shapes(model.clone(dtype=DTYPES[cfg.frozen_dtype]))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            shardings), shardings
+    return load_reference(cfg, model, mesh)
 
 
 # ---------------------------------------------------------------------------
@@ -168,6 +178,7 @@ def compute_ref_table(cfg: DPOConfig, split: str, ref_params, model: VLM, proces
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     @partial(jax.jit, in_shardings=(param_shardings(model, mesh), batch_sharding(mesh)), out_shardings=replicated)
+    @partial(on_mesh, mesh=mesh)
     def logps(params, batch):
         c, r = reference_logps(params, batch, model=model)
         return batch["position"], batch["valid"], c, r
@@ -278,9 +289,22 @@ def open_split(cfg: DPOConfig, split: str) -> Source:
     return WithRefLogps(source, table)
 
 
+def step_flops(cfg: DPOConfig, mc, shapes: dict) -> dict[str, float]:
+    """The policy's forward and backward over both sequences of [A, B] pairs, the LM head from the
+    last prompt position on; the reference's forward unless its log-probs were precomputed."""
+    a, b, lp = shapes["prompt_ids"]
+    lc = shapes["chosen_ids"][2]
+    rows, images = a * b, a * b * shapes["pixel_values"][2]
+    text = text_flops(mc, 2 * rows, lp + lc, head_positions=lc + 1)
+    out = {"policy": vision_flops(mc, images) * (1 if cfg.model.freeze_vision else 3) + 3 * text}
+    if not cfg.precompute_ref_log_probs:
+        out["reference"] = vision_flops(mc, images) + text
+    return out
+
+
 TASK = Task(head="lm", processor_config=processor_config,
             make_loss=lambda model, cfg: partial(loss_fn, model=model, cfg=cfg), count_tokens=count_tokens,
-            frozen=frozen_reference, open_split=open_split)
+            frozen=frozen_reference, open_split=open_split, step_flops=step_flops)
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, float]:

@@ -17,7 +17,7 @@ import os
 
 LAST_VALUE = ("grad_norm", "learning_rate", "num_tokens", "lr", "episode")  # lr, episode: PPO's names
 TIMING = ("eval_runtime", "eval_samples_per_second", "train_runtime", "train_samples_per_second",
-          "train_steps_per_second")  # wall-clock fields: differ between identical runs
+          "train_steps_per_second", "step_seconds", "mfu")  # wall-clock fields: differ between identical runs
 
 
 class IntervalMeans:

@@ -7,6 +7,10 @@ Order within optimizer step s (1-based):
   2. s % logging_steps == 0 (or the last step): one record in metrics.jsonl / TensorBoard;
   3. s % eval_steps == 0 (or the last step, when there is an eval split): evaluation;
   4. s % save_steps == 0 (or the last step): an asynchronous Orbax checkpoint.
+Each record of step 2 carries step_seconds (wall time per step since the previous record, the first
+step, which compiles, left out) and, on a device whose peak jaxpref.profile knows (TPU, H100/H200),
+mfu (the task's analytic FLOPs of the step / step_seconds / the devices' peak). With profile_steps
+[a, b], steps a .. b-1 are traced with jax.profiler into output_dir/trace.
 Metrics stay on device until 2-4 need them; then every pending step's loss and grad_norm are
 checked, and a non-finite one stops the run (NonFiniteError) before anything is saved: the last
 checkpoint on disk predates it. At the end the model is exported as HF safetensors + config.json,
@@ -67,8 +71,9 @@ class Task:
     make_loss: Callable[[VLM, TrainingConfig], Callable]  # (compute model, cfg) -> loss_fn(params, batch)
     count_tokens: Callable[[dict], jax.Array]  # batch -> tokens the model reads (TRL's num_tokens)
     # (cfg, mesh) -> (params, shardings) the loss reads but never trains (DPO's reference model), or
-    # None; the loss is then called as loss_fn(params, batch, frozen=params)
-    frozen: Callable[[TrainingConfig, Any], tuple[Any, Any] | None] | None = None
+    # None; the loss is then called as loss_fn(params, batch, frozen=params). With abstract=True the
+    # params are ShapeDtypeStructs carrying their shardings (nothing loaded: `jaxpref profile`)
+    frozen: Callable[..., tuple[Any, Any] | None] | None = None
     # (cfg, split) -> the split's source, for tasks that add columns to the rows (default: open_source)
     open_split: Callable[[TrainingConfig, str], Any] | None = None
     # (task, cfg, model, mesh, total_steps) -> Steps, for tasks whose step is not "gradient of a
@@ -80,6 +85,9 @@ class Task:
     # (model.name_or_path's VLMConfig, cfg) -> the VLMConfig to train (the reward model's
     # score_pooling), or None: as it is
     configure_model: Callable[[Any, TrainingConfig], Any] | None = None
+    # (cfg, VLMConfig, {key: global shape of the step's batch}) -> analytic FLOPs of one step by phase
+    # (jaxpref.profile's counts; the phases' sum is the step's): what MFU is measured against
+    step_flops: Callable[[TrainingConfig, Any, dict], dict[str, float]] | None = None
 
     def source(self, cfg: TrainingConfig, split: str):
         """The source of `split` of cfg.data.dataset_name, as this task reads it."""
@@ -227,19 +235,27 @@ class Steps:
         return self.evaluate(params, batch) if self.frozen is None else self.evaluate(params, batch, self.frozen)
 
 
-def make_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int) -> Steps:
-    """The task's jitted train and eval steps on `mesh`: bf16 compute when cfg.bf16 (master params
-    stay in model.dtype), remat when cfg.gradient_checkpointing."""
+def jitted_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int, frozen_shardings=None):
+    """(train, evaluate, tx, TrainState of shardings): the task's jitted train and eval steps on `mesh`,
+    built from shapes alone (nothing is loaded): bf16 compute when cfg.bf16 (master params stay in
+    model.dtype), remat when cfg.gradient_checkpointing; `frozen_shardings` when the loss reads frozen
+    params (Task.frozen)."""
     tx = make_optimizer(cfg, total_steps)
     p_shardings = param_shardings(model, mesh)
     shardings = state_shardings(p_shardings, param_shapes(model), tx, mesh)
     compute = model.clone(dtype=jnp.bfloat16 if cfg.bf16 else model.dtype, remat=cfg.gradient_checkpointing)
     loss_fn = task.make_loss(compute, cfg)
-    frozen = task.frozen(cfg, mesh) if task.frozen is not None else None
-    frozen_params, frozen_shardings = frozen if frozen is not None else (None, None)
     train = jit_train_step(partial(train_step, loss_fn=loss_fn, tx=tx, schedule=make_schedule(cfg, total_steps),
                                    count_tokens=task.count_tokens), shardings, mesh, frozen_shardings)
     evaluate = jit_eval_step(partial(eval_step, loss_fn=loss_fn), p_shardings, mesh, frozen_shardings)
+    return train, evaluate, tx, shardings
+
+
+def make_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int) -> Steps:
+    """The task's jitted train and eval steps on `mesh` (jitted_steps), its frozen params loaded."""
+    frozen = task.frozen(cfg, mesh) if task.frozen is not None else None
+    frozen_params, frozen_shardings = frozen if frozen is not None else (None, None)
+    train, evaluate, tx, shardings = jitted_steps(task, cfg, model, mesh, total_steps, frozen_shardings)
     return Steps(train=train, evaluate=evaluate, tx=tx, shardings=shardings,
                  init_params=lambda: initial_params(cfg, model, mesh), param_shapes=param_shapes(model),
                  export=lambda params, tokenizer: export(model, params, tokenizer, cfg), frozen=frozen_params,
@@ -347,17 +363,43 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
 
     from tqdm import tqdm
 
+    from jaxpref.profile import count_chips, device_spec
+
+    spec = device_spec(jax.devices()[0].device_kind)
+    peak = spec[0] * count_chips(jax.devices()) if spec else None
+    trace = cfg.profile_steps
+    tracing = False
     bar = tqdm(total=total, initial=start, disable=not primary, unit="step", dynamic_ncols=True)
     t0, batches = time.perf_counter(), iter(loader)
+    timed = None  # (time, step) the step timing counts from: after the first step, which compiles
     try:
         for s in range(start + 1, total + 1):
-            state, metrics = steps.step(state, device_batch(next(batches), mesh, accum))
+            if trace and s == trace[0]:
+                jax.profiler.start_trace(os.path.join(cfg.output_dir, "trace"))
+                tracing = True
+            batch = device_batch(next(batches), mesh, accum)
+            state, metrics = steps.step(state, batch)
             pending.append((s, metrics))
+            if tracing and s == trace[1] - 1:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+            if timed is None:
+                jax.block_until_ready(metrics)
+                timed = (time.perf_counter(), s)
             bar.update(1)
             last = s == total
             if s % cfg.logging_steps == 0 or last:
                 flush()
                 record = interval.pop()
+                now = time.perf_counter()
+                if s > timed[1]:
+                    record["step_seconds"] = (now - timed[0]) / (s - timed[1])
+                    if peak and task.step_flops is not None:
+                        shapes = {k: v.shape for k, v in batch.items()}
+                        flops = sum(task.step_flops(cfg, model.config, shapes).values())
+                        record["mfu"] = flops / record["step_seconds"] / peak
+                    timed = (now, s)
                 writer.write({"step": s, "epoch": epoch(s), **record})
                 rate = (s - start) * step_rows / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{rate:.1f}")
@@ -377,6 +419,8 @@ def run(task: Task, cfg: TrainingConfig) -> dict[str, float]:
         checkpointer.wait()
         steps.export(state.params, tokenizer)
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         bar.close()
         writer.close()
         checkpointer.close()

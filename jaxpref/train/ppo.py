@@ -49,14 +49,15 @@ from jaxpref.eval.evaluate import EvalArgs, compare, first_rows, summarize
 from jaxpref.generate import generate_tokens
 from jaxpref.models import VLM
 from jaxpref.objectives.ppo import advantages_and_returns, masked_mean, ppo_losses
+from jaxpref.profile import text_flops, vision_flops
 from jaxpref import rewards
 from jaxpref.sequence import (ImplicitReward, cast_floats, images, implicit_reward, response_logits,
                               response_logprobs, response_scores, token_logprobs)
-from jaxpref.sharding import logical_to_spec, make_mesh, param_shapes, param_shardings
+from jaxpref.sharding import constrain, logical_to_spec, make_mesh, on_mesh, param_shapes, param_shardings
 from jaxpref.train.loop import Steps, Task, batch_shards, load_params, model_config, run, tokenizer_spec
 from jaxpref.train.loop import export as export_model
 from jaxpref.train.optim import make_optimizer, make_schedule
-from jaxpref.train.state import BATCH_AXES, batch_sharding, state_shardings
+from jaxpref.train.state import batch_sharding, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -100,22 +101,27 @@ def stop_ids(cfg: PPOConfig, eos_token_id: int) -> tuple[int, ...]:
     return (eos_token_id,) if cfg.stop_token == "eos" else ()
 
 
-def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_sharding=None):
-    """Steps 1-3: responses, old log-probs, reference log-probs, values, scores, advantages and
-    returns, as a dict of [B, T] / [B] arrays."""
+def sample_responses(state, batch: dict, *, roles: Roles, cfg: PPOConfig, cache_sharding=None):
+    """Step 1: (responses int32[B, T], their log-probs float32[B, T] at `temperature`): pad after the
+    first stop token (the sampler stops there)."""
     mc = roles.policy.config
-    params = state.params
     b = batch["prompt_ids"].shape[0]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    stops = stop_ids(cfg, mc.eos_token_id)
     px = images(batch)
     tt = jnp.zeros_like(batch["prompt_mask"]) if mc.prefix_lm else None
-    gen = generate_tokens(roles.policy, cast_floats(params["policy"], roles.policy.dtype),
+    gen = generate_tokens(roles.policy, cast_floats(state.params["policy"], roles.policy.dtype),
                           None if px is None else px.astype(roles.policy.dtype), batch["prompt_ids"],
                           batch["prompt_mask"], tt, key, jnp.arange(b, dtype=jnp.int32), jnp.float32(cfg.temperature),
-                          None, jnp.asarray(stops, jnp.int32), jnp.int32(mc.pad_token_id),
+                          None, jnp.asarray(stop_ids(cfg, mc.eos_token_id), jnp.int32), jnp.int32(mc.pad_token_id),
                           max_new_tokens=cfg.response_length, top_k=0, greedy=False, cache_sharding=cache_sharding)
-    responses = gen.tokens  # pad after the first stop token already (the sampler stops there)
+    return gen.tokens, gen.logprobs
+
+
+def score_rollout(params, frozen, batch: dict, responses, logprobs, *, roles: Roles, cfg: PPOConfig):
+    """Steps 2-3: reference log-probs, values, scores, advantages and returns of sampled responses,
+    as a dict of [B, T] / [B] arrays."""
+    mc = roles.policy.config
+    stops = stop_ids(cfg, mc.eos_token_id)
     response_mask = (jnp.cumsum(responses == mc.pad_token_id, axis=1) == 0).astype(jnp.int32)
     ref_logits = response_logits(roles.ref, frozen["ref"], batch, responses, response_mask)
     ref_logprobs, _ = token_logprobs(ref_logits, responses, cfg.temperature)
@@ -124,11 +130,18 @@ def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_s
     has_stop = jnp.any(jnp.isin(responses, jnp.asarray(stops or (-1,), jnp.int32)), axis=1)
     if cfg.missing_eos_penalty is not None:
         score = jnp.where(has_stop, score, score - cfg.missing_eos_penalty)
-    out = advantages_and_returns(score, gen.logprobs, ref_logprobs, values, responses, pad_token_id=mc.pad_token_id,
+    out = advantages_and_returns(score, logprobs, ref_logprobs, values, responses, pad_token_id=mc.pad_token_id,
                                  kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
                                  whiten_rewards=cfg.whiten_rewards)
     return {**out, "responses": responses, "response_mask": response_mask, "scores": score,
             "num_stop": jnp.sum(jnp.isin(responses, jnp.asarray(stops or (-1,), jnp.int32)))}
+
+
+def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_sharding=None):
+    """Steps 1-3: responses, old log-probs, reference log-probs, values, scores, advantages and
+    returns, as a dict of [B, T] / [B] arrays."""
+    responses, logprobs = sample_responses(state, batch, roles=roles, cfg=cfg, cache_sharding=cache_sharding)
+    return score_rollout(state.params, frozen, batch, responses, logprobs, roles=roles, cfg=cfg)
 
 
 def minibatch_loss(params, mb: dict, *, roles: Roles, cfg: PPOConfig):
@@ -144,29 +157,27 @@ def minibatch_loss(params, mb: dict, *, roles: Roles, cfg: PPOConfig):
     return loss, stats
 
 
-def ppo_step(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, tx, schedule, mesh=None,
-             cache_sharding=None):
-    """One PPO iteration on a batch of B prompts ([B, ...], B over the batch axes). Returns the
-    new state and TRL's metrics."""
-    ro = rollout(state, batch, frozen, roles=roles, cfg=cfg, cache_sharding=cache_sharding)
+UPDATE_KEYS = ("responses", "response_mask", "logprobs", "advantages", "values", "returns", "padding_mask",
+               "padding_mask_p1")
+
+
+def ppo_update(state, batch: dict, ro: dict, *, roles: Roles, cfg: PPOConfig, tx):
+    """Step 4 on a scored rollout `ro` (rollout's dict): num_ppo_epochs x num_mini_batches AdamW steps.
+    Returns ((params, opt_state), per-mini-batch stats). Traced under jaxpref.sharding.on_mesh, every
+    micro-batch is constrained to the batch axes, so each device trains on rows of its own."""
     data = {**{k: v for k, v in batch.items() if k in ("prompt_ids", "prompt_mask", "pixel_values")},
-            **{k: ro[k] for k in ("responses", "response_mask", "logprobs", "advantages", "values", "returns",
-                                  "padding_mask", "padding_mask_p1")}}
+            **{k: ro[k] for k in UPDATE_KEYS}}
     b = batch["prompt_ids"].shape[0]
     e, m, a = cfg.num_ppo_epochs, cfg.num_mini_batches, cfg.gradient_accumulation_steps
     micro = b // (m * a)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1)
     order = jnp.stack([jax.random.permutation(jax.random.fold_in(key, i), b) for i in range(e)])
     order = order.reshape(e * m, a, micro)  # each epoch: a fresh permutation cut into mini- and micro-batches
-    row_sharding = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
     grad_fn = jax.grad(partial(minibatch_loss, roles=roles, cfg=cfg), has_aux=True)
 
     def take(rows):
-        mb = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), data)
-        if row_sharding is None:
-            return mb
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, P(BATCH_AXES, *([None] * (x.ndim - 1))))), mb)
+        return jax.tree.map(lambda x: constrain(jnp.take(x, rows, axis=0), ("batch",) + (None,) * (x.ndim - 1)),
+                            data)
 
     def minibatch(carry, rows):
         params, opt_state = carry
@@ -182,7 +193,15 @@ def ppo_step(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, tx, sc
         stats["grad_norm"] = optax.tree.norm(grads)
         return (optax.apply_updates(params, updates), opt_state), stats
 
-    (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state), order)
+    return jax.lax.scan(minibatch, (state.params, state.opt_state), order)
+
+
+def ppo_step(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, tx, schedule, cache_sharding=None):
+    """One PPO iteration on a batch of B prompts ([B, ...], B over the batch axes). Returns the
+    new state and TRL's metrics."""
+    ro = rollout(state, batch, frozen, roles=roles, cfg=cfg, cache_sharding=cache_sharding)
+    b = batch["prompt_ids"].shape[0]
+    (params, opt_state), stats = ppo_update(state, batch, ro, roles=roles, cfg=cfg, tx=tx)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     pad = ro["padding_mask"]
     kl_sum = jnp.sum(ro["kl"], axis=1)  # padded positions hold 0 (both log-probs are INVALID_LOGPROB)
@@ -260,29 +279,50 @@ def compute_roles(cfg: PPOConfig, models: dict[str, VLM]) -> Roles:
                  ref=models["ref"].clone(dtype=compute), reward=models["reward"].clone(dtype=compute))
 
 
-def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Steps:
-    """Task hook: the jitted PPO iteration with the value model trained beside the policy."""
-    paths, models = roles_of(cfg, policy)
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The PPO iteration built from shapes alone (nothing loaded): what build_steps runs and
+    `jaxpref profile` compiles."""
+
+    paths: dict  # role -> path
+    models: dict  # role -> master-dtype VLM
+    roles: Roles  # compute-dtype modules
+    tx: optax.GradientTransformation
+    shardings: object  # TrainState of NamedShardings (policy + value trained)
+    frozen_shardings: dict  # ref, reward
+    cache_sharding: NamedSharding
+    train: object  # jitted (state, batch [B, ...], frozen) -> (state, metrics); the state donated
+
+
+def build_program(cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Program:
     updates = cfg.num_ppo_epochs * cfg.num_mini_batches
+    paths, models = roles_of(cfg, policy)
     tx = make_optimizer(cfg, total_steps, updates_per_step=updates)
     trained = ("policy", "value")
-    p_shardings = {r: param_shardings(models[r], mesh) for r in trained}
-    shapes = {r: param_shapes(models[r]) for r in trained}
-    shardings = state_shardings(p_shardings, shapes, tx, mesh)
+    shardings = state_shardings({r: param_shardings(models[r], mesh) for r in trained},
+                                {r: param_shapes(models[r]) for r in trained}, tx, mesh)
+    frozen_shardings = {r: param_shardings(models[r], mesh) for r in ("ref", "reward")}
     roles = compute_roles(cfg, models)
     t = policy.config.text
-    frozen = {r: load_params(paths[r], models[r], cfg.frozen_dtype, mesh, cfg.seed) for r in ("ref", "reward")}
-    frozen_shardings = {r: param_shardings(models[r], mesh) for r in ("ref", "reward")}
-    step = partial(ppo_step, roles=roles, cfg=cfg, tx=tx, schedule=make_schedule(cfg, total_steps), mesh=mesh)
     rows = step_rows(cfg, mesh)
     # the KV cache: batch over (data, fsdp), kv heads over tensor, like generate() places it
     cache_len = max(cfg.data.length_buckets) + cfg.response_length  # an upper bound is only used for the spec
     cache = NamedSharding(mesh, logical_to_spec(("layers", "batch", "length", "kv_heads", "head_dim"),
                                                 (t.num_hidden_layers, rows, cache_len, t.num_key_value_heads,
                                                  t.head_dim), mesh))
-    train = jax.jit(partial(step, cache_sharding=cache),
-                    in_shardings=(shardings, batch_sharding(mesh), frozen_shardings),
+    step = partial(ppo_step, roles=roles, cfg=cfg, tx=tx, schedule=make_schedule(cfg, total_steps),
+                   cache_sharding=cache)
+    train = jax.jit(on_mesh(step, mesh), in_shardings=(shardings, batch_sharding(mesh), frozen_shardings),
                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    return Program(paths, models, roles, tx, shardings, frozen_shardings, cache, train)
+
+
+def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Steps:
+    """Task hook: the jitted PPO iteration with the value model trained beside the policy."""
+    prog = build_program(cfg, policy, mesh, total_steps)
+    paths, models = prog.paths, prog.models
+    trained = ("policy", "value")
+    frozen = {r: load_params(paths[r], models[r], cfg.frozen_dtype, mesh, cfg.seed) for r in ("ref", "reward")}
 
     def init_params():
         return {r: load_params(paths[r], models[r], cfg.model.dtype, mesh, cfg.seed) for r in trained}
@@ -295,8 +335,9 @@ def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int)
     host_eval = None
     if cfg.data.dataset_test_split is not None:
         host_eval = make_host_eval(cfg, policy, frozen, models, mesh)
-    return Steps(train=train, evaluate=None, tx=tx, shardings=shardings, init_params=init_params,
-                 param_shapes=shapes, export=export, frozen=frozen, accum=None, host_eval=host_eval)
+    return Steps(train=prog.train, evaluate=None, tx=prog.tx, shardings=prog.shardings, init_params=init_params,
+                 param_shapes={r: param_shapes(models[r]) for r in trained}, export=export, frozen=frozen,
+                 accum=None, host_eval=host_eval)
 
 
 def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh):
@@ -330,8 +371,26 @@ def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh
     return host_eval
 
 
+def step_flops(cfg: PPOConfig, mc, shapes: dict) -> dict[str, float]:
+    """One iteration on B prompts of Lp tokens by phase. rollout: the prefill (the LM head at its last
+    position) and response_length - 1 decode steps (each attending to Lp + R/2 keys on average);
+    scoring: the reference's, value model's and reward model's forwards over prompt + response;
+    update: num_ppo_epochs passes of the policy's and value model's forward and backward over the
+    batch (the heads at the response positions). All four models share the policy's shapes."""
+    b, lp = shapes["prompt_ids"]
+    r, images = cfg.response_length, b * shapes["pixel_values"][1]
+    t, tower = lp + r, vision_flops(mc, images)
+    rollout = tower + text_flops(mc, b, lp, head_positions=1) + text_flops(mc, b, r - 1, context=lp + r // 2)
+    implicit = cfg.reward_model_type == "implicit"
+    scoring = 3 * tower + text_flops(mc, b, t, head_positions=r) + text_flops(mc, b, t, head_positions=r, head_width=1) \
+        + text_flops(mc, b, t, head_positions=r if implicit else t, head_width=None if implicit else 1)
+    trained = text_flops(mc, b, t, head_positions=r) + text_flops(mc, b, t, head_positions=r, head_width=1)
+    update = cfg.num_ppo_epochs * (2 * tower * (1 if cfg.model.freeze_vision else 3) + 3 * trained)
+    return {"rollout": rollout, "scoring": scoring, "update": update}
+
+
 TASK = Task(head="lm", processor_config=processor_config, make_loss=None, count_tokens=None,
-            build_steps=build_steps, step_rows=step_rows)
+            build_steps=build_steps, step_rows=step_rows, step_flops=step_flops)
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, float]:

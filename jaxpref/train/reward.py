@@ -21,6 +21,7 @@ from jaxpref.data.processing import ProcessorConfig
 from jaxpref.models import VLM
 from jaxpref.models.config import VLMConfig
 from jaxpref.objectives.reward import reward_loss
+from jaxpref.profile import text_flops, vision_flops
 from jaxpref.sequence import pair_scores
 from jaxpref.train.loop import Task, run
 
@@ -58,8 +59,16 @@ def _configure_model(config: VLMConfig, cfg: RewardConfig) -> VLMConfig:
     return dataclasses.replace(config, score_pooling=cfg.score_pooling)
 
 
+def step_flops(cfg: RewardConfig, mc, shapes: dict) -> dict[str, float]:
+    """Forward and backward over both sequences of [A, B] pairs (each pair's images once), a scalar head."""
+    a, b, lp = shapes["prompt_ids"]
+    rows, images = a * b, a * b * shapes["pixel_values"][2]
+    tower = vision_flops(mc, images) * (1 if cfg.model.freeze_vision else 3)
+    return {"step": tower + 3 * text_flops(mc, 2 * rows, lp + shapes["chosen_ids"][2], head_width=1)}
+
+
 TASK = Task(head="scalar", processor_config=processor_config, make_loss=_make_loss, count_tokens=count_tokens,
-            configure_model=_configure_model)
+            configure_model=_configure_model, step_flops=step_flops)
 
 
 def run_reward(cfg: RewardConfig) -> dict[str, float]:
