@@ -282,10 +282,6 @@ def _abstract(tree) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
-def count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 # ---------------------------------------------------------------------------
 # TPU topologies on a CPU host (needs libtpu: pip install 'jaxpref[tpu]')
 
@@ -334,7 +330,3 @@ def topology_devices(spec: str):
             raise TopologyError("libtpu's lock (/tmp/libtpu_lockfile) is held by another process: wait for it, "
                                 "or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 (ahead-of-time compiles never touch a TPU)") from e
         raise TopologyError(f"cannot describe TPU topology {name!r}: {type(e).__name__}: {e}") from e
-
-
-def fmt_bytes(n: float | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB"

@@ -118,7 +118,7 @@ def forward_program(model, mesh, batch: int, seq: int | None):
     from jax.sharding import NamedSharding
 
     from jaxpref.models import dummy_inputs
-    from jaxpref.profile import vision_flops, text_flops
+    from jaxpref.profile import forward_flops
     from jaxpref.sharding import batch_sharding, on_mesh, param_shapes, param_shardings
     from jaxpref.train.program import Program, _with_shardings
 
@@ -128,7 +128,7 @@ def forward_program(model, mesh, batch: int, seq: int | None):
     fwd = jax.jit(on_mesh(lambda p, px, ids, mask: model.apply({"params": p}, px, ids, mask).logits, mesh),
                   out_shardings=NamedSharding(mesh, batch_sharding(mesh, 3).spec))
     t = ids.shape[1]
-    flops = vision_flops(model.config, batch) + text_flops(model.config, batch, t)
+    flops = forward_flops(model.config, batch, t)
     return Program(f"forward B={batch} T={t}", fwd, (params, *rows), flops, batch, batch * t,
                    {"prompt": t, "completion": 0}, donates_first=False)
 
