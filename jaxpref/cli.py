@@ -47,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # key=value overrides may come after a flag too (`--topology v5e-8 mesh.fsdp=8`), which argparse
+    # alone refuses once the first run of positionals has been read
+    stray = [a for a in rest if a.startswith("-") or "=" not in a]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no libtpu" notice on CPU hosts

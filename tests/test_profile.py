@@ -64,8 +64,9 @@ def test_profile_of_a_recipe_runs_its_real_step_and_writes_a_trace(tmp_path):
     """The DPO recipe's own jitted step (the trainer's, with its reference), timed, with a trace."""
     out, trace = tmp_path / "dpo.json", tmp_path / "trace"
     r = _jaxpref("profile", "--config", os.path.join(CONFIGS, "dpo.yaml"), "model.name_or_path=tiny",
-                 "precompute_ref_log_probs=false", "per_device_train_batch_size=2", *UNUSED,
-                 "--iters", "2", "--trace", str(trace), "--json", str(out))
+                 "precompute_ref_log_probs=false", *UNUSED, "--iters", "2",
+                 "per_device_train_batch_size=2",  # an override after a flag is still an override
+                 "--trace", str(trace), "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.load(open(out))
     assert rep["step"] == "dpo step" and rep["rows"] == 2 and rep["step_seconds_median"] > 0
