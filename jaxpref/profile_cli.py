@@ -301,6 +301,13 @@ def _candidates(kind: str, cfg, n_devices: int):
                 yield f"tensor parallel {t}", over
 
 
+def _merge(kept: list[str], over: list[str]) -> list[str]:
+    """key=value overrides, `over` replacing `kept`'s values of the same keys."""
+    merged = dict(o.split("=", 1) for o in kept)
+    merged.update(o.split("=", 1) for o in over)
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
 def find_levers(args, kind: str, cfg, devices, report: dict) -> list[dict]:
     """Levers tried one at a time on top of those kept so far (kept when it lowers per-device memory),
     until the step fits or none is left. Each entry: the lever, the overrides it was tried with,
@@ -319,7 +326,7 @@ def find_levers(args, kind: str, cfg, devices, report: dict) -> list[dict]:
             return tried
         name, over = cand
         seen.add(name)
-        trial = kept + over  # a later override of the same key wins
+        trial = _merge(kept, over)
         try:
             _, c, mesh, prog = _recipe_program(args, list(args.overrides) + trial, devices)
             r = _measure(args, prog, mesh, devices, trace=False)

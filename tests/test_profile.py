@@ -18,7 +18,7 @@ import pytest
 from jaxpref.config import load_config
 from jaxpref.models import VLM, get_preset
 from jaxpref.profile import TopologyError, count_chips, measure, text_flops, topology_name, vision_flops
-from jaxpref.profile_cli import _candidates, _global_rows_kept, forward_program
+from jaxpref.profile_cli import _candidates, _global_rows_kept, _merge, forward_program
 from jaxpref.sharding import make_mesh
 from jaxpref.train.program import build_program, load_recipe, recipe_trainer
 
@@ -143,6 +143,8 @@ def test_levers_are_tried_cheapest_first_and_keep_the_global_batch():
     assert "micro-batches of 2 rows per device" in names and "micro-batches of 1 rows per device" in names
     over = dict(o.split("=") for o in _global_rows_kept(cfg, 1, -1, 1, 4))  # 4 rows x 2 shards -> 4 shards
     assert over["mesh.fsdp"] == "4" and over["per_device_train_batch_size"] == "2"
+    assert _merge(["mesh.fsdp=4", "bf16=true"], ["mesh.fsdp=8", "mesh.tensor=1"]) == \
+        ["mesh.fsdp=8", "bf16=true", "mesh.tensor=1"]
 
 
 # ---------------------------------------------------------------------------
