@@ -17,6 +17,7 @@ nothing allocated: per-chip memory against HBM, the collectives, and a step time
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -248,15 +249,20 @@ def format_report(r: dict) -> str:
 # levers: settings that would fit, found by compiling them
 
 
-def _global_rows_kept(cfg, data: int, fsdp: int, tensor: int, n_devices: int) -> list[str] | None:
-    """Overrides for a new mesh that keep the global batch (per-device rows x batch shards x accumulation)."""
-    import math
-
+def _mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> list[int]:
+    """[data, fsdp, tensor] with a -1 resolved to the devices left over (as make_mesh does)."""
     sizes = [data, fsdp, tensor]
     if -1 in sizes:
         sizes[sizes.index(-1)] = n_devices // math.prod(s for s in sizes if s != -1)
+    return sizes
+
+
+def _global_rows_kept(cfg, data: int, fsdp: int, tensor: int, n_devices: int) -> list[str] | None:
+    """Overrides for a new mesh that keep the global batch (per-device rows x batch shards x accumulation)."""
+    sizes = _mesh_sizes(data, fsdp, tensor, n_devices)
     shards = sizes[0] * sizes[1]
-    old = cfg.per_device_train_batch_size * _shards(cfg, n_devices)
+    old_sizes = _mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, n_devices)
+    old = cfg.per_device_train_batch_size * old_sizes[0] * old_sizes[1]
     if old % shards == 0 and old // shards >= 1:
         pd, ga = old // shards, cfg.gradient_accumulation_steps
     elif shards % old == 0 and cfg.gradient_accumulation_steps % (shards // old) == 0:
@@ -265,15 +271,6 @@ def _global_rows_kept(cfg, data: int, fsdp: int, tensor: int, n_devices: int) ->
         return None
     return [f"mesh.data={sizes[0]}", f"mesh.fsdp={sizes[1]}", f"mesh.tensor={sizes[2]}",
             f"per_device_train_batch_size={pd}", f"gradient_accumulation_steps={ga}"]
-
-
-def _shards(cfg, n_devices: int) -> int:
-    import math
-
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = n_devices // math.prod(s for s in sizes if s != -1)
-    return sizes[0] * sizes[1]
 
 
 def _candidates(kind: str, cfg, n_devices: int):
