@@ -173,14 +173,16 @@ def _measure(args, prog, mesh, devices, trace: bool = True) -> dict:
     spec = pf.device_spec(dev.device_kind)
     peak, peak_source = (spec[0] * chips, "table") if spec else (None, None)
     used = m.per_device_bytes
+    xla = m.xla_flops * len(devices) if m.xla_flops else None
     r = {"step": prog.name, "platform": dev.platform if run else "tpu", "topology": args.topology,
          "device_kind": dev.device_kind, "devices": len(devices), "chips": chips, "mesh": dict(mesh.shape),
          "lengths": prog.lengths, "rows": prog.rows, "tokens": prog.tokens,
          "compile_seconds": m.compile_seconds, "step_seconds_median": m.median,
          "step_seconds_min": min(m.step_seconds) if m.step_seconds else None,
          "step_seconds_max": max(m.step_seconds) if m.step_seconds else None,
-         "flops_per_step": prog.flops, "xla_flops_per_step": m.xla_flops,
-         "xla_to_analytic": m.xla_flops / prog.flops if (m.xla_flops and prog.flops) else None,
+         # XLA counts one device's share of the partitioned program: x devices for the whole step
+         "flops_per_step": prog.flops, "xla_flops_per_step": xla,
+         "xla_to_analytic": xla / prog.flops if (xla and prog.flops) else None,
          "per_device_memory_bytes": used, "memory_bytes": m.memory, "device_memory_bytes": capacity,
          "fits": False if m.out_of_memory else (None if capacity is None else used <= capacity),
          "compiler_refused": m.out_of_memory,
@@ -214,7 +216,8 @@ def format_report(r: dict) -> str:
                      f"{r['examples_per_second']:.1f} examples/s, {r['tokens_per_second']:.0f} tokens/s")
     flops = f"  FLOPs          {r['flops_per_step'] / 1e12:.4g} TFLOP per step (analytic)"
     if r["xla_flops_per_step"]:
-        flops += f"; XLA {r['xla_flops_per_step'] / 1e12:.4g} ({r['xla_to_analytic']:.3g}x: a scanned stack counted once)"
+        flops += (f"; XLA {r['xla_flops_per_step'] / 1e12:.4g} ({r['xla_to_analytic']:.3g}x: a loop's body, "
+                  f"such as a scanned layer stack, counted once)")
     lines.append(flops)
     if r.get("mfu") is not None:
         lines.append(f"  MFU            {100 * r['mfu']:.1f} % of {r['peak_flops_per_second'] / 1e12:.3g} TFLOP/s "
