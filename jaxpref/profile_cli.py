@@ -120,10 +120,10 @@ def forward_program(model, mesh, batch: int, seq: int | None):
 
     from jaxpref.models import dummy_inputs
     from jaxpref.profile import forward_flops
-    from jaxpref.sharding import batch_sharding, on_mesh, param_shapes, param_shardings
-    from jaxpref.train.program import Program, _with_shardings
+    from jaxpref.sharding import batch_sharding, on_mesh, param_shapes, param_shardings, placed_shapes
+    from jaxpref.train.program import Program
 
-    params = _with_shardings(param_shapes(model), param_shardings(model, mesh))
+    params = placed_shapes(param_shapes(model), param_shardings(model, mesh))
     px, ids, mask = dummy_inputs(model.config, batch, seq)
     rows = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim)) for x in (px, ids, mask)]
     fwd = jax.jit(on_mesh(lambda p, px, ids, mask: model.apply({"params": p}, px, ids, mask).logits, mesh),

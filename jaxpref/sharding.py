@@ -116,6 +116,12 @@ def param_shapes(model) -> dict:
     return nn.meta.unbox(_boxed_shapes(model))
 
 
+def placed_shapes(shapes, shardings):
+    """The ShapeDtypeStructs of `shapes` carrying `shardings` (abstract arguments to lower a program
+    with, or a target to restore onto)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def logical_axes(model) -> dict:
     """The params tree of `model` with each leaf replaced by its tuple of logical axis names."""
     boxed = _boxed_shapes(model)

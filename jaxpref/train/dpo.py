@@ -37,7 +37,7 @@ from jaxpref.models import VLM
 from jaxpref.objectives.dpo import completion_logps, dpo_objective
 from jaxpref.profile import text_flops, vision_flops
 from jaxpref.sequence import pair_forward
-from jaxpref.sharding import make_mesh, on_mesh, param_shapes, param_shardings
+from jaxpref.sharding import make_mesh, on_mesh, param_shapes, param_shardings, placed_shapes
 from jaxpref.train.checkpoint import gather_json
 from jaxpref.train.loop import (DTYPES, Task, build_model, device_batch, load_params, model_config, pad_rows, run,
                                 tokenizer_spec)
@@ -118,8 +118,7 @@ def frozen_reference(cfg: DPOConfig, mesh, abstract: bool = False):
     if abstract:
         shardings = param_shardings(model, mesh)
         shapes = param_shapes(model.clone(dtype=DTYPES[cfg.frozen_dtype]))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                            shardings), shardings
+        return placed_shapes(shapes, shardings), shardings
     return load_reference(cfg, model, mesh)
 
 

@@ -286,6 +286,7 @@ class Program:
 
     paths: dict  # role -> path
     models: dict  # role -> master-dtype VLM
+    param_shapes: dict  # role -> its params' ShapeDtypeStructs (the models' dtypes)
     roles: Roles  # compute-dtype modules
     tx: optax.GradientTransformation
     shardings: object  # TrainState of NamedShardings (policy + value trained)
@@ -299,8 +300,9 @@ def build_program(cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Progra
     paths, models = roles_of(cfg, policy)
     tx = make_optimizer(cfg, total_steps, updates_per_step=updates)
     trained = ("policy", "value")
+    shapes = {r: param_shapes(m) for r, m in models.items()}
     shardings = state_shardings({r: param_shardings(models[r], mesh) for r in trained},
-                                {r: param_shapes(models[r]) for r in trained}, tx, mesh)
+                                {r: shapes[r] for r in trained}, tx, mesh)
     frozen_shardings = {r: param_shardings(models[r], mesh) for r in ("ref", "reward")}
     roles = compute_roles(cfg, models)
     t = policy.config.text
@@ -314,7 +316,7 @@ def build_program(cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Progra
                    cache_sharding=cache)
     train = jax.jit(on_mesh(step, mesh), in_shardings=(shardings, batch_sharding(mesh), frozen_shardings),
                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    return Program(paths, models, roles, tx, shardings, frozen_shardings, cache, train)
+    return Program(paths, models, shapes, roles, tx, shardings, frozen_shardings, cache, train)
 
 
 def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Steps:
@@ -336,7 +338,7 @@ def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int)
     if cfg.data.dataset_test_split is not None:
         host_eval = make_host_eval(cfg, policy, frozen, models, mesh)
     return Steps(train=prog.train, evaluate=None, tx=prog.tx, shardings=prog.shardings, init_params=init_params,
-                 param_shapes={r: param_shapes(models[r]) for r in trained}, export=export, frozen=frozen,
+                 param_shapes={r: prog.param_shapes[r] for r in trained}, export=export, frozen=frozen,
                  accum=None, host_eval=host_eval)
 
 

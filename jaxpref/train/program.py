@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref.config import ConfigError, TrainingConfig, load_config
 from jaxpref.data.processing import bucket_length
-from jaxpref.sharding import on_mesh, param_shapes
+from jaxpref.sharding import on_mesh, param_shapes, placed_shapes
 from jaxpref.train import dpo, ppo, reward, sft
 from jaxpref.train.loop import batch_shards, build_model, jitted_steps
 from jaxpref.train.state import abstract_state, batch_sharding, micro_batch_sharding
@@ -110,10 +110,6 @@ def _abstract(shapes: dict, sharding) -> dict:
     return {k: jax.ShapeDtypeStruct(s, dtype(k), sharding=sharding) for k, s in shapes.items()}
 
 
-def _with_shardings(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def _tokens(kind: str, shapes: dict) -> int:
     seqs = 1 if kind in ("sft", "ppo") else 2
     rows = math.prod(shapes["prompt_ids"][:-1])
@@ -146,9 +142,8 @@ def build_program(kind: str, cfg: TrainingConfig, mesh, prompt_length: int | Non
 
 def _ppo_program(cfg, policy, mesh, total, shapes, flops, ls) -> Program:
     prog = ppo.build_program(cfg, policy, mesh, total)
-    models = prog.models
-    state = abstract_state(prog.shardings, {r: param_shapes(models[r]) for r in ("policy", "value")}, prog.tx)
-    frozen = {r: _with_shardings(param_shapes(models[r]), prog.frozen_shardings[r]) for r in ("ref", "reward")}
+    state = abstract_state(prog.shardings, {r: prog.param_shapes[r] for r in ("policy", "value")}, prog.tx)
+    frozen = {r: placed_shapes(prog.param_shapes[r], prog.frozen_shardings[r]) for r in ("ref", "reward")}
     rows_sharding = batch_sharding(mesh)
     batch = _abstract(shapes, rows_sharding)
     b, r = shapes["prompt_ids"][0], cfg.response_length

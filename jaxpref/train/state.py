@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpref.objectives import Stats
-from jaxpref.sharding import on_mesh
+from jaxpref.sharding import on_mesh, placed_shapes
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -116,7 +116,7 @@ def abstract_state(shardings: TrainState, params_like, tx) -> TrainState:
     """ShapeDtypeStructs with shardings for restoring a TrainState onto `shardings`' mesh."""
     shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                                                  rng=jax.random.key_data(jax.random.key(0))), params_like)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return placed_shapes(shapes, shardings)
 
 
 def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
