@@ -7,6 +7,7 @@
     jaxpref generate --model DIR --image P --prompt T
     jaxpref tower --out DIR                        pretrain a vision tower on the built-in task
     jaxpref sft --config F [key=value ...]         (and reward, dpo, ppo)
+    jaxpref export --merge ADAPTER_DIR --out DIR   a LoRA adapter folded into its base (full HF directory)
     jaxpref eval --policy DIR --reference DIR --data DIR [--judge NAME]   judge / reward-model win-rate
     jaxpref comparisons --policy DIR --data DIR --out DIR --judge NAME    preference pairs of its own answers
     jaxpref reads --policy DIR                     what a model reads off the image (built-in task)
@@ -25,6 +26,7 @@ import sys
 from jaxpref.data.cli import add_data_parser
 from jaxpref.eval.comparisons import add_comparisons_parser
 from jaxpref.eval.evaluate import add_eval_parser
+from jaxpref.export_cli import add_export_parser
 from jaxpref.generate_cli import add_generate_parser
 from jaxpref.profile_cli import add_profile_parser
 from jaxpref.tasks.shapes.cli import add_parsers as add_task_parsers
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = add_data_parser(sub)
     add_generate_parser(sub)
     add_train_parsers(sub)
+    add_export_parser(sub)
     add_eval_parser(sub)
     add_comparisons_parser(sub)
     add_task_parsers(sub, data_sub)

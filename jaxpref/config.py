@@ -23,16 +23,12 @@ import yaml
 
 from jaxpref.data.loader import BAD_RECORD_POLICIES
 from jaxpref.data.processing import TRUNCATION_MODES
-from jaxpref.models.config import SCORE_POOLINGS
+from jaxpref.models.config import SCORE_POOLINGS, ConfigError  # one error class for every config
 from jaxpref.objectives.dpo import LOSSES
 from jaxpref.objectives.ppo import KL_ESTIMATORS
 from jaxpref.train.optim import SCHEDULES, schedule_kwargs
 
 REWARD_MODEL_TYPES = ("scalar", "implicit")  # PPOConfig.reward_model_type
-
-
-class ConfigError(ValueError):
-    """A config file, key or value jaxpref cannot use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +40,26 @@ class ModelArgs:
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed (the projector and decoder train), as LLaVA's second stage
     does: no gradient flows into the tower, and the optimizer neither updates nor decays it. PPO: for
-    the policy and the value model."""
+    the policy and the value model. With use_peft, adapters inside the tower are left out."""
+    use_peft: bool = False
+    """Train LoRA adapters on a frozen base instead of the full weights (TRL's --use_peft); the run
+    exports a PEFT adapter directory. name_or_path may be such a directory (the run continues it)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r (/ sqrt(lora_r) with use_rslora)."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' inputs while training (SFT; DPO and reward only with disable_dropout=false)."""
+    lora_target_modules: tuple[str, ...] | None = None
+    """Which linear layers get adapters, by transformers' module names: "all-linear" (every linear
+    layer but the LM head, vision tower and projector included), or names matched as PEFT does (a
+    module whose name equals one or ends in "." + one); a single name is a regular expression over the
+    whole name (TRL's reading: `[q_proj]` alone matches nothing, `.*q_proj` does)."""
+    lora_modules_to_save: tuple[str, ...] | None = None
+    """Modules trained whole beside the adapters (e.g. multi_modal_projector); the reward model's score
+    head always is."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +194,12 @@ class TrainingConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16"))
+        if self.model.use_peft:
+            _check(self.model.lora_r >= 1, "model.lora_r", "must be >= 1")
+            _check(self.model.lora_alpha > 0, "model.lora_alpha", "must be > 0")
+            _check(0 <= self.model.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)")
+            _check(bool(self.model.lora_target_modules), "model.lora_target_modules",
+                   "is required with use_peft (PEFT has no default for VLMs): 'all-linear' or module names")
         _choice("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
         _check(bool(self.data.dataset_name), "data.dataset_name", "is required")
         _check(self.learning_rate >= 0, "learning_rate", "must be >= 0")
@@ -252,6 +273,8 @@ class RewardConfig(TrainingConfig):
     and `jaxpref eval` read the reward model's scores the same way. "mean" ranks given answers better
     on the built-in task, but PPO can exploit it: a short answer with no wrong word scores like a
     complete one (docs/TRAINING.md)."""
+    disable_dropout: bool = True
+    """TRL's: no dropout while training (jaxpref's models have none but LoRA's, model.lora_dropout)."""
 
     def validate(self) -> "RewardConfig":
         super().validate()
@@ -292,6 +315,8 @@ class DPOConfig(TrainingConfig):
     frozen_dtype: str = "float32"
     """dtype the reference is held in: float32 or bfloat16 (half the memory; it computes in the
     step's dtype either way)."""
+    disable_dropout: bool = True
+    """TRL's: no dropout while training (jaxpref's models have none but LoRA's, model.lora_dropout)."""
 
     def validate(self) -> "DPOConfig":
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from .models.lora import variables
 from .models.vlm import VLM, default_positions
 from .sharding import activation_sharding, logical_to_spec
 
@@ -111,7 +112,7 @@ def row_keys(rng, row_ids, step):
 
 def lm_logits(module: VLM, hidden):
     """The LM head on hidden states [..., E] -> logits [..., V] (tied embeddings or lm_head), as
-    VLM.__call__ applies it: `model.apply({"params": params}, hidden, method=lm_logits)`. Used on the
+    VLM.__call__ applies it: `model.apply(variables(params), hidden, method=lm_logits)`. Used on the
     last position only, so the prefill never materialises [B, Tp, V] logits."""
     if module.config.text.tie_word_embeddings:
         return module.decoder.attend(hidden)
@@ -132,9 +133,9 @@ def _prefill(model: VLM, params, pixel_values, input_ids, prompt_mask, token_typ
     shape = (t.num_hidden_layers, b, cache_len, t.num_key_value_heads, t.head_dim)
     cache = {k: _constrain(jnp.zeros(shape, model.dtype), cache_sharding) for k in ("k", "v")}
     mask = jnp.pad(prompt_mask, ((0, 0), (0, cache_len - tp)))
-    out = model.apply({"params": params}, pixel_values, input_ids, mask, token_type_ids,
+    out = model.apply(variables(params), pixel_values, input_ids, mask, token_type_ids,
                       default_positions(prompt_mask, cfg.position_offset), cache, 0)
-    logits = model.apply({"params": params}, out.hidden[:, -1], method=lm_logits)
+    logits = model.apply(variables(params), out.hidden[:, -1], method=lm_logits)
     return jax.tree.map(lambda c: _constrain(c, cache_sharding), out.cache), logits.astype(jnp.float32)
 
 
@@ -180,9 +181,9 @@ def _sample(model: VLM, params, pixel_values, input_ids, prompt_mask, token_type
         step, cache, tokens, logprobs, done = state
         prev = jax.lax.dynamic_slice(tokens, (0, step - 1), (b, 1))
         slot_mask = jnp.broadcast_to(jnp.arange(n - 1) < step, (b, n - 1)).astype(prompt_mask.dtype)
-        out = model.apply({"params": params}, None, prev, jnp.concatenate([prompt_mask, slot_mask], axis=1),
+        out = model.apply(variables(params), None, prev, jnp.concatenate([prompt_mask, slot_mask], axis=1),
                           token_type, (pos0 + step - 1)[:, None], cache, tp + step - 1)
-        logits = model.apply({"params": params}, out.hidden[:, 0], method=lm_logits)
+        logits = model.apply(variables(params), out.hidden[:, 0], method=lm_logits)
         cache = jax.tree.map(lambda c: _constrain(c, cache_sharding), out.cache)
         tokens, logprobs, done = emit(step, logits.astype(jnp.float32), tokens, logprobs, done)
         return step + 1, cache, tokens, logprobs, done

@@ -187,7 +187,9 @@ def _measure(args, prog, mesh, devices, trace: bool = True) -> dict:
          "fits": False if m.out_of_memory else (None if capacity is None else used <= capacity),
          "compiler_refused": m.out_of_memory,
          "headroom_bytes": None if capacity is None else capacity - used, "collectives": m.collectives,
-         "mfu": None, "peak_flops_per_second": peak, "peak_source": peak_source}
+         "mfu": None, "peak_flops_per_second": peak, "peak_source": peak_source,
+         # the trained params and their optimizer state, per device (what LoRA shrinks)
+         "train_state_bytes": pf.argument_bytes(prog.args[0]) if prog.donates_first else None}
     if run:
         if dev.platform == "cpu":
             peak, peak_source = pf.matmul_peak(), "a 2048x2048 float32 matmul on this host, same run"
@@ -228,6 +230,9 @@ def format_report(r: dict) -> str:
     lines.append(f"  per device     {r['per_device_memory_bytes'] / GiB:.3f} GiB (arguments "
                  f"{mem.get('argument', 0) / GiB:.3f} + outputs {mem.get('output', 0) / GiB:.3f} + temporaries "
                  f"{mem.get('temp', 0) / GiB:.3f} - aliased {mem.get('alias', 0) / GiB:.3f})")
+    if r.get("train_state_bytes") is not None:
+        lines.append(f"  train state    {r['train_state_bytes'] / GiB:.3f} GiB per device (trained params, optimizer "
+                     f"state), in the arguments")
     if r.get("compiler_refused"):
         lines.append(f"  compiler       {r['compiler_refused']}")
     if r["device_memory_bytes"] is not None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxpref.generate import TEMPERATURE_EPS
 from jaxpref.models import VLM
+from jaxpref.models.lora import rngs, variables
 from jaxpref.objectives.reward import pooled_scores
 
 
@@ -68,8 +69,9 @@ def forward(model: VLM, params, batch: dict, completion_ids, completion_mask, im
     length): the head's output at those positions only (VLM.__call__)."""
     seq = concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], completion_ids, completion_mask)
     px = None if image_features is not None else images(batch)
-    out = model.apply({"params": cast_floats(params, model.dtype)}, px, seq["input_ids"], seq["attention_mask"],
-                      seq["token_type_ids"], image_features=image_features, head_window=head_window).logits
+    out = model.apply(variables(params, model.dtype), px, seq["input_ids"], seq["attention_mask"],
+                      seq["token_type_ids"], image_features=image_features, head_window=head_window,
+                      rngs=rngs(params)).logits
     return out, seq
 
 
@@ -87,17 +89,17 @@ def pair_forward(model: VLM, params, batch: dict, completions_only: bool = False
     completions_only: the head reads positions Lp-1 .. T-1 only (the last prompt token, which predicts
     the first completion token, and the completion), and `seq` is cut to the same window, so a loss
     over completion tokens (position t predicts token t + 1) reads them as it would the whole."""
-    variables = {"params": cast_floats(params, model.dtype)}
+    v, r = variables(params, model.dtype), rngs(params)
     px = images(batch)
-    features = None if px is None else model.apply(variables, px, method=VLM.encode_images)  # [B, n, N, E]
+    features = None if px is None else model.apply(v, px, method=VLM.encode_images, rngs=r)  # [B, n, N, E]
     chosen, rejected = (concat_prompt_completion(batch["prompt_ids"], batch["prompt_mask"], batch[f"{c}_ids"],
                                                  batch[f"{c}_mask"]) for c in ("chosen", "rejected"))
     seq = {k: interleave(chosen[k], rejected[k]) for k in chosen}
     lp, t = batch["prompt_ids"].shape[1], seq["input_ids"].shape[1]
     window = (lp - 1, t - lp + 1) if completions_only else None
-    out = model.apply(variables, None, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"],
+    out = model.apply(v, None, seq["input_ids"], seq["attention_mask"], seq["token_type_ids"],
                       image_features=None if features is None else jnp.repeat(features, 2, axis=0),
-                      head_window=window).logits
+                      head_window=window, rngs=r).logits
     if completions_only:
         seq = {k: v[:, lp - 1:] for k, v in seq.items()}
     return out, seq

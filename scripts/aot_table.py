@@ -5,6 +5,7 @@ per-chip columns show how memory falls with the slice.
 
     python scripts/aot_table.py --out /tmp/aot            # one JSON per cell, then the markdown table
     python scripts/aot_table.py --out /tmp/aot --table    # the table from the JSON already there
+    python scripts/aot_table.py --out /tmp/aot-lora --lora   # full weights beside LoRA r=16 all-linear
 
 Each cell is one `jaxpref profile` process (its JSON kept in --out). Global batch: 32 rows for the
 forward pass (264 tokens), 32 pairs per micro-batch for DPO (the recipe's lengths, 2 micro-batches),
@@ -39,13 +40,31 @@ def cells():
                                       f"per_device_train_batch_size={32 // chips}", "gradient_accumulation_steps=2"])
 
 
+LORA = ["model.use_peft=true", "model.lora_target_modules=all-linear", "model.lora_r=16", "model.lora_alpha=32"]
+
+
+def lora_cells():
+    """(name, topology, arguments): PaliGemma-3B's DPO step on v5e-8 and PPO iteration on v5e-16 and v5e-8,
+    full weights beside LoRA r=16 on every linear layer (`--lora`)."""
+    dpo = ["--config", "configs/paligemma-3b/dpo_rlaif_v.yaml", *PG, "mesh.data=1", "mesh.fsdp=-1",
+           "per_device_train_batch_size=4", "gradient_accumulation_steps=2"]
+    for topo, chips in (("v5e-16", 16), ("v5e-8", 8)):
+        ppo = ["--config", "configs/paligemma-3b/ppo_rlaif_v.yaml", *PG, "reward_model_path=paligemma-3b-224",
+               "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", f"per_device_train_batch_size={256 // (4 * chips)}"]
+        if topo == "v5e-8":
+            yield "paligemma-3b dpo", topo, dpo
+            yield "paligemma-3b dpo lora", topo, dpo + LORA
+        yield "paligemma-3b ppo", topo, ppo
+        yield "paligemma-3b ppo lora", topo, ppo + LORA
+
+
 def slug(name: str, topo: str) -> str:
     return f"{name.replace(' ', '_')}@{topo}"
 
 
-def run(out: str, only: str | None):
+def run(out: str, only: str | None, lora: bool = False):
     os.makedirs(out, exist_ok=True)
-    for name, topo, argv in cells():
+    for name, topo, argv in (lora_cells() if lora else cells()):
         path = os.path.join(out, slug(name, topo) + ".json")
         if (only and only not in name) or os.path.exists(path):
             continue
@@ -80,15 +99,33 @@ def table(out: str) -> str:
     return "\n".join(rows)
 
 
+def lora_table(out: str) -> str:
+    rows = ["| step | slice | train state GiB / chip | arguments GiB | temporaries GiB | per-chip GiB | HBM GiB | fits "
+            "| compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    g = 2**30
+    for name, topo, _ in lora_cells():
+        path = os.path.join(out, slug(name, topo) + ".json")
+        if not os.path.exists(path):
+            continue
+        r = json.load(open(path))
+        m = r["memory_bytes"]
+        rows.append(f"| {name} | {topo} | {r['train_state_bytes'] / g:.2f} | {m.get('argument', 0) / g:.2f} | "
+                    f"{m.get('temp', 0) / g:.2f} | {r['per_device_memory_bytes'] / g:.2f} | "
+                    f"{r['device_memory_bytes'] / g:.1f} | {'yes' if r['fits'] else '**no**'} | "
+                    f"{r['compile_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for one JSON report per cell")
     p.add_argument("--only", default=None, help="cells whose name contains this")
     p.add_argument("--table", action="store_true", help="only print the table from --out")
+    p.add_argument("--lora", action="store_true", help="the LoRA table: full weights beside LoRA r=16 all-linear")
     args = p.parse_args()
     if not args.table:
-        run(args.out, args.only)
-    print(table(args.out))
+        run(args.out, args.only, args.lora)
+    print(lora_table(args.out) if args.lora else table(args.out))
 
 
 if __name__ == "__main__":

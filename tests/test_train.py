@@ -22,7 +22,7 @@ from jaxpref.models.config import from_hf_config, read_hf_config, to_hf_config
 from jaxpref.sharding import make_mesh
 from jaxpref.train import reward, sft
 from jaxpref.train.checkpoint import Checkpointer, complete_steps, resolve_resume
-from jaxpref.train.loop import build_model, device_batch, initial_params, make_steps
+from jaxpref.train.loop import build_model, device_batch, make_steps
 from jaxpref.train.optim import SCHEDULES, decay_mask, make_optimizer, make_schedule
 from jaxpref.train.state import abstract_state, init_state
 
@@ -73,7 +73,7 @@ def setup(kind, mesh, total=10, **kw):
     task = KINDS[kind][1]
     model = build_model(cfg, task.head, task.configure_model)
     steps = make_steps(task, cfg, model, mesh, total)
-    state = init_state(initial_params(cfg, model, mesh), steps.tx, cfg.seed, steps.shardings)
+    state = init_state(steps.init_params(), steps.tx, cfg.seed, steps.shardings)
     return cfg, model, steps, state
 
 

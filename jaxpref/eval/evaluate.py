@@ -36,10 +36,10 @@ from jaxpref.data.processing import Processor, ProcessorConfig
 from jaxpref.data.sources import open_source
 from jaxpref.data.tokenizer import load_tokenizer
 from jaxpref.generate import generate
-from jaxpref.models import VLM, load_pretrained
+from jaxpref.models import VLM, load_pretrained, lora
 from jaxpref.objectives.sft import sft_loss
 from jaxpref.sequence import ImplicitReward, forward, log_ratio, pair_scores, reward_scores
-from jaxpref.sharding import make_mesh
+from jaxpref.sharding import make_mesh, param_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +73,21 @@ class EvalArgs:
 
 
 def load_model(path: str, head: str, mesh, what: str):
-    """(VLM, params) from a Hugging Face model directory in float32 with `head` ("lm" or "scalar");
-    `what` names the argument in the error when `path` is not a directory."""
+    """(VLM, params) from a Hugging Face model directory in float32 with `head` ("lm" or "scalar"), or
+    from a PEFT LoRA adapter directory (params: its base with the adapter on, lora.Adapted); `what`
+    names the argument in the error when `path` is not a directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}: {path} is not a model directory")
-    return load_pretrained(path, "float32", head=head, mesh=mesh)
+    if not lora.is_adapter_dir(path):
+        return load_pretrained(path, "float32", head=head, mesh=mesh)
+    base = lora.read_adapter_config(path).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(f"{what}: {path} is a LoRA adapter whose base {base!r} is not a model directory")
+    model, params = load_pretrained(base, "float32", head=head, mesh=mesh)
+    plan, trained = lora.load_adapter(path, model.config, head)
+    if mesh is not None:
+        trained = jax.device_put(trained, lora.adapter_shardings(plan, param_shardings(model, mesh)))
+    return model, lora.Adapted(params, trained, plan)
 
 
 def _rows(args: EvalArgs):

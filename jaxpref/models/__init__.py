@@ -8,14 +8,16 @@
 
 from .config import ConfigError, TextConfig, VisionConfig, VLMConfig
 from .hf import CheckpointError, load_pretrained, save_pretrained
+from .lora import Adapted, variables
 from .presets import get_preset, preset_names
 from .vlm import VLM, VLMOutput, default_positions, dummy_inputs, init_cache
 
 
 def forward(model: VLM, params, *, pixel_values, input_ids, attention_mask, token_type_ids=None,
             position_ids=None):
-    """logits float[B, T, V] (or float32[B, T] for a scalar-head model). Jittable (model static)."""
-    return model.apply({"params": params}, pixel_values, input_ids, attention_mask, token_type_ids,
+    """logits float[B, T, V] (or float32[B, T] for a scalar-head model). Jittable (model static).
+    `params`: the model's params, or jaxpref.models.lora.Adapted (a base with LoRA adapters)."""
+    return model.apply(variables(params), pixel_values, input_ids, attention_mask, token_type_ids,
                        position_ids).logits
 
 
@@ -27,6 +29,6 @@ def init_params(model: VLM, rng, batch: int = 1):
     return nn.meta.unbox(model.init(rng, px, ids, mask)["params"])
 
 
-__all__ = ["VLM", "VLMConfig", "VisionConfig", "TextConfig", "VLMOutput", "ConfigError", "CheckpointError",
+__all__ = ["Adapted", "VLM", "VLMConfig", "VisionConfig", "TextConfig", "VLMOutput", "ConfigError", "CheckpointError",
            "load_pretrained", "save_pretrained", "forward", "init_params", "init_cache", "get_preset",
            "preset_names", "default_positions", "dummy_inputs"]

@@ -24,7 +24,8 @@ ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "r
 
 
 class ConfigError(ValueError):
-    """A model configuration or checkpoint config.json that jaxpref cannot use."""
+    """A configuration jaxpref cannot use: a config file, key or value (jaxpref.config), a model's
+    config.json, LoRA settings. jaxpref.config.ConfigError is this class."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ HIDDEN = ("batch", "length", "act_embed")
 class DecoderLayer(nn.Module):
     config: TextConfig
     dtype: Dtype
+    lora_dropout: float = 0.0  # LoRA adapters' input dropout (layers.Dense)
 
     @nn.compact
     def __call__(self, carry, layer_index, mask, sin, cos, cache_index):
@@ -44,9 +45,9 @@ class DecoderLayer(nn.Module):
         x = constrain(x, HIDDEN)
         y = RMSNorm(c.rms_norm_eps, gemma, self.dtype, name="input_norm")(x)
         heads, kv_heads = ("batch", "length", "act_heads", None), ("batch", "length", "act_kv_heads", None)
-        q = constrain(dense((h, hd), ("embed", "heads", "head_dim"), dtype=self.dtype, name="q")(y), heads)
-        k = constrain(dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="k")(y), kv_heads)
-        v = constrain(dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="v")(y), kv_heads)
+        q = constrain(dense((h, hd), ("embed", "heads", "head_dim"), dtype=self.dtype, lora_dropout=self.lora_dropout, name="q")(y), heads)
+        k = constrain(dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, lora_dropout=self.lora_dropout, name="k")(y), kv_heads)
+        v = constrain(dense((kv, hd), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, lora_dropout=self.lora_dropout, name="v")(y), kv_heads)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         if cache is not None:
             at = (layer_index, 0, cache_index, 0, 0)
@@ -54,13 +55,13 @@ class DecoderLayer(nn.Module):
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], at)}
             k, v = (jax.lax.dynamic_index_in_dim(cache[n], layer_index, 0, keepdims=False) for n in ("k", "v"))
         a = constrain(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd**-0.5), heads)
-        a = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype, name="o")(a)
+        a = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype, lora_dropout=self.lora_dropout, name="o")(a)
         x = constrain(x + a, HIDDEN)
         y = RMSNorm(c.rms_norm_eps, gemma, self.dtype, name="post_attn_norm")(x)
         mlp = ("batch", "length", "act_mlp")
-        gate = constrain(dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="gate")(y), mlp)
-        up = constrain(dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="up")(y), mlp)
-        y = dense(c.hidden_size, ("mlp", "embed"), dtype=self.dtype, name="down")(ACT[c.hidden_act](gate) * up)
+        gate = constrain(dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, lora_dropout=self.lora_dropout, name="gate")(y), mlp)
+        up = constrain(dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, lora_dropout=self.lora_dropout, name="up")(y), mlp)
+        y = dense(c.hidden_size, ("mlp", "embed"), dtype=self.dtype, lora_dropout=self.lora_dropout, name="down")(ACT[c.hidden_act](gate) * up)
         return (constrain(x + y, HIDDEN), cache), None
 
 
@@ -70,6 +71,7 @@ class Decoder(nn.Module):
     config: TextConfig
     dtype: Dtype
     remat: bool = False
+    lora_dropout: float = 0.0
 
     def setup(self):
         c = self.config
@@ -77,10 +79,11 @@ class Decoder(nn.Module):
                               embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                           ("vocab", "embed")))
         layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
-        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        self.layers = nn.scan(layer, variable_axes={"params": 0, "lora": 0},
+                              split_rngs={"params": True, "dropout": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                               length=c.num_hidden_layers,
-                              metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dtype)
+                              metadata_params={nn.PARTITION_NAME: "layers"})(c, self.dtype, self.lora_dropout)
         self.final_norm = RMSNorm(c.rms_norm_eps, c.kind == "gemma", self.dtype)
 
     def embed_tokens(self, ids, scale: float):

@@ -53,6 +53,11 @@ class Dense(nn.Module):
     loop fusion; flattened, both passes are plain matmuls and a `small` training step takes less than
     half the time (docs/BENCHMARKS.md). Merging B with T and heads with head_dim keeps every
     sharding (the merged dims' major one carries it), so the mesh sees the same layer.
+
+    LoRA: when the variables hold a "lora" collection entry for this layer (`lora_a` [in, r], `lora_b`
+    [r, out] over the flattened dims, B already scaled by alpha / r), the layer adds (x A) B: the
+    adapter's two thin matmuls, never a merged copy of the kernel. Without one (adapters off, or a
+    layer not targeted) it is the plain layer.
     """
 
     features: int | tuple[int, ...]
@@ -62,6 +67,7 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
+    lora_dropout: float = 0.0  # dropout on a LoRA adapter's input, while a "dropout" rng is given
 
     @nn.compact
     def __call__(self, x):
@@ -73,7 +79,14 @@ class Dense(nn.Module):
         lead, inner = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
         kernel = self.param("kernel", self.kernel_init, inner + features, self.param_dtype)
         fan_in, fan_out = math.prod(inner), math.prod(features)
-        y = jnp.asarray(x, self.dtype).reshape(-1, fan_in) @ jnp.asarray(kernel, self.dtype).reshape(fan_in, fan_out)
+        x2 = jnp.asarray(x, self.dtype).reshape(-1, fan_in)
+        y = x2 @ jnp.asarray(kernel, self.dtype).reshape(fan_in, fan_out)
+        if self.has_variable("lora", "lora_a"):  # a LoRA adapter (jaxpref.models.lora): y + B(A(dropout(x)))
+            if self.lora_dropout > 0 and self.has_rng("dropout"):
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, x2.shape)
+                x2 = jnp.where(keep, x2 / (1.0 - self.lora_dropout), 0).astype(x2.dtype)
+            a, b = self.get_variable("lora", "lora_a"), self.get_variable("lora", "lora_b")  # [in, r], [r, out]
+            y = y + (x2 @ jnp.asarray(a, self.dtype)) @ jnp.asarray(b, self.dtype)
         y = y.reshape(lead + features)
         if self.use_bias:
             y = y + jnp.asarray(self.param("bias", self.bias_init, features, self.param_dtype), self.dtype)
@@ -81,7 +94,7 @@ class Dense(nn.Module):
 
 
 def dense(features, axes: tuple[str | None, ...], *, axis=-1, use_bias=False, bias_axes=None, dtype, name,
-          init_std=0.02):
+          init_std=0.02, lora_dropout: float = 0.0):
     """A Dense layer whose kernel (and bias) carry logical axis names."""
     kernel_init = logical(nn.initializers.normal(init_std), *axes)
     kw = {}
@@ -89,7 +102,7 @@ def dense(features, axes: tuple[str | None, ...], *, axis=-1, use_bias=False, bi
         nb = len(features) if isinstance(features, tuple) else 1
         kw["bias_init"] = logical(nn.initializers.zeros_init(), *(bias_axes or axes[-nb:]))
     return Dense(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
-                 kernel_init=kernel_init, name=name, **kw)
+                 kernel_init=kernel_init, name=name, lora_dropout=lora_dropout, **kw)
 
 
 class RMSNorm(nn.Module):

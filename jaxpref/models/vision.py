@@ -19,6 +19,7 @@ from .layers import ACT, Dtype, LayerNorm, attention, dense, logical
 class VisionBlock(nn.Module):
     config: VisionConfig
     dtype: Dtype
+    lora_dropout: float = 0.0  # LoRA adapters' input dropout (layers.Dense)
 
     @nn.compact
     def __call__(self, x, layer_index, num_layers_to_run):
@@ -29,16 +30,16 @@ class VisionBlock(nn.Module):
         x = constrain(x, hidden)
         y = LayerNorm(c.layer_norm_eps, self.dtype, name="ln1")(x)
         q, k, v = (constrain(dense((h, hd), ("embed", "heads", "head_dim"), use_bias=True, dtype=self.dtype,
-                                   name=n)(y), heads) for n in ("q", "k", "v"))
+                                   lora_dropout=self.lora_dropout, name=n)(y), heads) for n in ("q", "k", "v"))
         full = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
         a = constrain(attention(q, k, v, full, hd**-0.5), heads)
         a = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=True,
-                  bias_axes=("embed",), dtype=self.dtype, name="o")(a)
+                  bias_axes=("embed",), dtype=self.dtype, lora_dropout=self.lora_dropout, name="o")(a)
         y = constrain(x + a, hidden)
         z = LayerNorm(c.layer_norm_eps, self.dtype, name="ln2")(y)
-        z = dense(c.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(z)
+        z = dense(c.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, lora_dropout=self.lora_dropout, name="fc1")(z)
         z = constrain(ACT[c.hidden_act](z), ("batch", "length", "act_mlp"))
-        z = dense(c.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(z)
+        z = dense(c.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, lora_dropout=self.lora_dropout, name="fc2")(z)
         out = constrain(y + z, hidden)
         return jnp.where(layer_index < num_layers_to_run, out, x), None
 
@@ -55,6 +56,7 @@ class VisionEncoder(nn.Module):
     dtype: Dtype
     feature_layer: int | None = None
     remat: bool = False
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, pixel_values):
@@ -87,9 +89,9 @@ class VisionEncoder(nn.Module):
         else:
             run = self.feature_layer if self.feature_layer >= 0 else L + 1 + self.feature_layer
         block = nn.remat(VisionBlock, prevent_cse=False) if self.remat else VisionBlock
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast), length=L, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = stack(c, self.dtype, name="layers")(x, jnp.arange(L), run)
+        x, _ = stack(c, self.dtype, self.lora_dropout, name="layers")(x, jnp.arange(L), run)
         if self.feature_layer is None:
             x = LayerNorm(c.layer_norm_eps, self.dtype, name="post_ln")(x)
         else:

@@ -105,6 +105,7 @@ class VLM(nn.Module):
     dtype: Dtype = jnp.float32  # parameter and compute dtype
     remat: bool = False  # rematerialise each layer in the backward pass
     freeze_vision: bool = False  # no gradient into the vision tower (its features are stop_gradient)
+    lora_dropout: float = 0.0  # dropout on LoRA adapters' inputs (jaxpref.models.lora) when a "dropout" rng is given
 
     @nn.nowrap
     def example_inputs(self, batch: int = 1, seq: int | None = None):
@@ -116,17 +117,18 @@ class VLM(nn.Module):
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         feature_layer = None if c.family == "paligemma" else c.vision_feature_layer
-        self.vision = VisionEncoder(c.vision, self.dtype, feature_layer=feature_layer, remat=self.remat)
+        self.vision = VisionEncoder(c.vision, self.dtype, feature_layer=feature_layer, remat=self.remat,
+                                    lora_dropout=self.lora_dropout)
         e = c.text.hidden_size
         if c.projector == "linear":
-            self.proj_1 = dense(e, ("embed", "mlp"), use_bias=True, bias_axes=("mlp",), dtype=self.dtype,
+            self.proj_1 = dense(e, ("embed", "mlp"), use_bias=True, bias_axes=("mlp",), dtype=self.dtype, lora_dropout=self.lora_dropout,
                                 name="projector")
         else:
-            self.proj_1 = dense(e, ("embed", "mlp"), use_bias=True, bias_axes=("mlp",), dtype=self.dtype,
+            self.proj_1 = dense(e, ("embed", "mlp"), use_bias=True, bias_axes=("mlp",), dtype=self.dtype, lora_dropout=self.lora_dropout,
                                 name="projector_1")
-            self.proj_2 = dense(e, ("mlp", "embed"), use_bias=True, bias_axes=("embed",), dtype=self.dtype,
+            self.proj_2 = dense(e, ("mlp", "embed"), use_bias=True, bias_axes=("embed",), dtype=self.dtype, lora_dropout=self.lora_dropout,
                                 name="projector_2")
-        self.decoder = Decoder(c.text, self.dtype, remat=self.remat)
+        self.decoder = Decoder(c.text, self.dtype, remat=self.remat, lora_dropout=self.lora_dropout)
         if self.head == "lm" and not c.text.tie_word_embeddings:
             self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), dtype=self.dtype, name="lm_head")
         if self.head == "scalar":

@@ -110,9 +110,10 @@ def load_reference(cfg: DPOConfig, model: VLM, mesh):
 
 
 def frozen_reference(cfg: DPOConfig, mesh, abstract: bool = False):
-    """The Task hook: the reference's params for the step, unless they were precomputed; with
+    """The Task hook: the reference's params for the step, unless they were precomputed or come from
+    LoRA's base (use_peft without ref_model: the base with adapters off, as TRL does); with
     `abstract`, their shapes (in cfg.frozen_dtype, carrying their shardings), nothing loaded."""
-    if cfg.precompute_ref_log_probs:
+    if cfg.precompute_ref_log_probs or (cfg.model.use_peft and cfg.ref_model is None):
         return None
     model = build_model(cfg, "lm")
     if abstract:
@@ -303,7 +304,7 @@ def step_flops(cfg: DPOConfig, mc, shapes: dict) -> dict[str, float]:
 
 TASK = Task(head="lm", processor_config=processor_config,
             make_loss=lambda model, cfg: partial(loss_fn, model=model, cfg=cfg), count_tokens=count_tokens,
-            frozen=frozen_reference, open_split=open_split, step_flops=step_flops)
+            frozen=frozen_reference, open_split=open_split, step_flops=step_flops, lora_reference=True)
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, float]:

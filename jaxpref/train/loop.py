@@ -40,6 +40,7 @@ from jaxpref.data.processing import Processor, ProcessorConfig
 from jaxpref.data.sources import open_source
 from jaxpref.data.tokenizer import load_tokenizer
 from jaxpref.models import VLM, get_preset, load_pretrained, preset_names, save_pretrained
+from jaxpref.models import lora
 from jaxpref.models.config import read_hf_config
 from jaxpref.models.hf import param_shapes
 from jaxpref.sharding import init_sharded, make_mesh, param_shardings
@@ -88,6 +89,9 @@ class Task:
     # (cfg, VLMConfig, {key: global shape of the step's batch}) -> analytic FLOPs of one step by phase
     # (jaxpref.profile's counts; the phases' sum is the step's): what MFU is measured against
     step_flops: Callable[[TrainingConfig, Any, dict], dict[str, float]] | None = None
+    # with LoRA, the loss's `frozen` is the reference: the base with adapters off (or, continuing an
+    # adapter, with the adapter it started from), unless Task.frozen gives one (DPO's ref_model)
+    lora_reference: bool = False
 
     def source(self, cfg: TrainingConfig, split: str):
         """The source of `split` of cfg.data.dataset_name, as this task reads it."""
@@ -100,8 +104,20 @@ class Task:
 # setup pieces
 
 
+def base_spec(spec: str, key: str = "model.name_or_path") -> str:
+    """The base model of `spec`: a PEFT adapter directory's base_model_name_or_path, else spec itself."""
+    if os.path.isdir(spec) and lora.is_adapter_dir(spec):
+        base = lora.read_adapter_config(spec).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{key}: {spec}/adapter_config.json names no base_model_name_or_path")
+        return base
+    return spec
+
+
 def model_config(spec: str, key: str):
-    """The VLMConfig of `spec`: an HF directory's config.json or a preset; ConfigError naming `key` otherwise."""
+    """The VLMConfig of `spec`: an HF directory's config.json, a PEFT adapter directory's base or a
+    preset; ConfigError naming `key` otherwise."""
+    spec = base_spec(spec, key)
     if os.path.isdir(spec):
         return read_hf_config(spec)
     if spec in preset_names():
@@ -111,8 +127,13 @@ def model_config(spec: str, key: str):
 
 def load_params(spec: str, model: VLM, dtype: str, mesh, seed: int):
     """Weights of an HF directory (a missing scalar head is initialised from `seed`), or a random
-    init of a preset from `seed`, placed directly onto the mesh."""
+    init of a preset from `seed`, placed directly onto the mesh. A PEFT adapter directory gives
+    lora.Adapted: its base (base_model_name_or_path) with the adapter on."""
     rng = jax.random.key(seed)
+    if base_spec(spec) != spec:
+        base = load_params(base_spec(spec), model, dtype, mesh, seed)
+        plan, trained = lora.load_adapter(spec, model.config, model.head)
+        return lora.Adapted(base, place_adapters(plan, trained, model, mesh), plan)
     if os.path.isdir(spec):
         return load_pretrained(spec, dtype, head=model.head, mesh=mesh, rng=rng)[1]
     return init_sharded(model, rng, mesh)
@@ -130,6 +151,73 @@ def build_model(cfg: TrainingConfig, head: str, configure: Callable | None = Non
 def initial_params(cfg: TrainingConfig, model: VLM, mesh):
     """The weights training starts from (see load_params)."""
     return load_params(cfg.model.name_or_path, model, cfg.model.dtype, mesh, cfg.seed)
+
+
+# ---------------------------------------------------------------------------
+# LoRA
+
+
+def place_adapters(plan, trained, model: VLM, mesh):
+    """An adapter tree (numpy) on the mesh, sharded as the kernels it adapts."""
+    return jax.device_put(trained, lora.adapter_shardings(plan, param_shardings(model, mesh)))
+
+
+def lora_plan(cfg: TrainingConfig, model: VLM):
+    """The adapters a use_peft run trains (jaxpref.models.lora.Plan), or None without use_peft. A
+    scalar-head model trains its score head whole (PEFT's sequence classification); with
+    model.freeze_vision the tower gets no adapters. Continuing an adapter directory, its own
+    adapter_config.json says what is adapted."""
+    m = cfg.model
+    adapter_dir = base_spec(m.name_or_path) != m.name_or_path
+    if not m.use_peft:
+        if adapter_dir:
+            raise ConfigError(f"model.name_or_path: {m.name_or_path} is a LoRA adapter: set model.use_peft=true "
+                              f"to continue training it, or merge it first (jaxpref export --merge)")
+        return None
+    if adapter_dir:
+        plan = lora.load_adapter(m.name_or_path, model.config, model.head)[0]
+        log.info("model.name_or_path is a LoRA adapter: continuing it with its own settings (r=%d, alpha=%g, "
+                 "targets %s); the model.lora_* fields are not used", plan.r, plan.alpha, plan.target_modules)
+    else:
+        args = lora.LoraArgs(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                             target_modules=lora.target_spec(m.lora_target_modules),
+                             modules_to_save=m.lora_modules_to_save, use_rslora=m.use_rslora)
+        plan = lora.make_plan(model.config, model.head, args, ("score",) if model.head == "scalar" else ())
+    if m.freeze_vision:
+        kept = tuple(t for t in plan.targets if t.path[0] != "vision")
+        if not kept:
+            raise ConfigError("model.lora_target_modules: every target is in the vision tower, which "
+                              "model.freeze_vision keeps frozen")
+        plan = dataclasses.replace(plan, targets=kept)
+    return plan
+
+
+def adapted_loss(trained, batch: dict, frozen, rng=None, *, loss_fn: Callable, plan, reference: bool):
+    """A task's loss with LoRA: the trained params are the adapters, the base rides in `frozen`
+    ({"base", "start", "task"}). With `reference`, the loss's own `frozen` is the task's (e.g. DPO's
+    ref_model) or else the base with adapters off, or with the adapters a run continues from."""
+    base = frozen["base"]
+    params = lora.Adapted(base, trained, plan, rng)
+    if not reference:
+        return loss_fn(params, batch)
+    ref = frozen["task"] if frozen["task"] is not None else lora.Adapted(base, frozen["start"], plan)
+    return loss_fn(params, batch, frozen=ref)
+
+
+def export_adapter(plan, model: VLM, trained, tokenizer, cfg: TrainingConfig):
+    """output_dir: the PEFT adapter (adapter_config.json, adapter_model.safetensors) that
+    peft.PeftModel.from_pretrained loads onto the base, the tokenizer and config.yaml."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        trained = multihost_utils.process_allgather(trained)
+    if jax.process_index() == 0:
+        base = base_spec(cfg.model.name_or_path)
+        lora.save_adapter(plan, jax.device_get(trained), model.config, model.head, cfg.output_dir,
+                          base_model_name_or_path=os.path.abspath(base) if os.path.isdir(base) else base,
+                          task_type="SEQ_CLS" if model.head == "scalar" else "CAUSAL_LM")
+        tokenizer.save_pretrained(cfg.output_dir)
+        write_config(cfg)
 
 
 def tokenizer_spec(cfg: TrainingConfig) -> str:
@@ -235,30 +323,76 @@ class Steps:
         return self.evaluate(params, batch) if self.frozen is None else self.evaluate(params, batch, self.frozen)
 
 
-def jitted_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int, frozen_shardings=None):
-    """(train, evaluate, tx, TrainState of shardings): the task's jitted train and eval steps on `mesh`,
-    built from shapes alone (nothing is loaded): bf16 compute when cfg.bf16 (master params stay in
-    model.dtype), remat when cfg.gradient_checkpointing; `frozen_shardings` when the loss reads frozen
-    params (Task.frozen)."""
+@dataclasses.dataclass(frozen=True)
+class Jitted:
+    """A task's jitted steps on a mesh, built from shapes alone."""
+
+    train: Callable  # (state, batch[, frozen]) -> (state, metrics)
+    evaluate: Callable  # (params, batch[, frozen]) -> Stats
+    tx: Any
+    shardings: Any  # TrainState of NamedShardings
+    param_shapes: Any  # ShapeDtypeStructs of the trained params
+    frozen_shardings: Any  # of the steps' `frozen` argument, or None: none
+    plan: Any = None  # jaxpref.models.lora.Plan under use_peft
+
+
+def jitted_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int, frozen_shardings=None,
+                 plan=None, start: bool = False) -> Jitted:
+    """The task's jitted train and eval steps on `mesh`, built from shapes alone (nothing is loaded):
+    bf16 compute when cfg.bf16 (master params stay in model.dtype), remat when
+    cfg.gradient_checkpointing; `frozen_shardings` when the loss reads frozen params (Task.frozen).
+
+    With a LoRA `plan` the trained params are the adapters (float32) and the steps' `frozen` is
+    {"base": the model's params, "start": the adapters a continued run started from (when `start`) or
+    None, "task": the task's frozen params or None}; see adapted_loss."""
     tx = make_optimizer(cfg, total_steps)
     p_shardings = param_shardings(model, mesh)
-    shardings = state_shardings(p_shardings, param_shapes(model), tx, mesh)
-    compute = model.clone(dtype=jnp.bfloat16 if cfg.bf16 else model.dtype, remat=cfg.gradient_checkpointing)
+    dropout = 0.0 if plan is None or getattr(cfg, "disable_dropout", False) else cfg.model.lora_dropout
+    compute = model.clone(dtype=jnp.bfloat16 if cfg.bf16 else model.dtype, remat=cfg.gradient_checkpointing,
+                          lora_dropout=dropout)
     loss_fn = task.make_loss(compute, cfg)
+    trained_shapes, trained_shardings = param_shapes(model), p_shardings
+    if plan is not None:
+        trained_shapes = lora.adapter_shapes(plan, trained_shapes)
+        trained_shardings = lora.adapter_shardings(plan, p_shardings)
+        loss_fn = partial(adapted_loss, loss_fn=loss_fn, plan=plan, reference=task.lora_reference)
+        frozen_shardings = {"base": p_shardings, "start": trained_shardings if start else None,
+                            "task": frozen_shardings}
+    shardings = state_shardings(trained_shardings, trained_shapes, tx, mesh)
     train = jit_train_step(partial(train_step, loss_fn=loss_fn, tx=tx, schedule=make_schedule(cfg, total_steps),
-                                   count_tokens=task.count_tokens), shardings, mesh, frozen_shardings)
-    evaluate = jit_eval_step(partial(eval_step, loss_fn=loss_fn), p_shardings, mesh, frozen_shardings)
-    return train, evaluate, tx, shardings
+                                   count_tokens=task.count_tokens, loss_rng=dropout > 0),
+                           shardings, mesh, frozen_shardings)
+    evaluate = jit_eval_step(partial(eval_step, loss_fn=loss_fn), trained_shardings, mesh, frozen_shardings)
+    return Jitted(train, evaluate, tx, shardings, trained_shapes, frozen_shardings, plan)
 
 
 def make_steps(task: Task, cfg: TrainingConfig, model: VLM, mesh, total_steps: int) -> Steps:
-    """The task's jitted train and eval steps on `mesh` (jitted_steps), its frozen params loaded."""
+    """The task's jitted train and eval steps on `mesh` (jitted_steps), its frozen params loaded. With
+    model.use_peft the base is frozen too, and the adapters train (jaxpref.models.lora)."""
+    plan = lora_plan(cfg, model)
     frozen = task.frozen(cfg, mesh) if task.frozen is not None else None
     frozen_params, frozen_shardings = frozen if frozen is not None else (None, None)
-    train, evaluate, tx, shardings = jitted_steps(task, cfg, model, mesh, total_steps, frozen_shardings)
-    return Steps(train=train, evaluate=evaluate, tx=tx, shardings=shardings,
-                 init_params=lambda: initial_params(cfg, model, mesh), param_shapes=param_shapes(model),
-                 export=lambda params, tokenizer: export(model, params, tokenizer, cfg), frozen=frozen_params,
+    if plan is None:
+        j = jitted_steps(task, cfg, model, mesh, total_steps, frozen_shardings)
+        return Steps(train=j.train, evaluate=j.evaluate, tx=j.tx, shardings=j.shardings,
+                     init_params=lambda: initial_params(cfg, model, mesh), param_shapes=j.param_shapes,
+                     export=lambda params, tokenizer: export(model, params, tokenizer, cfg), frozen=frozen_params,
+                     accum=cfg.gradient_accumulation_steps)
+    loaded = initial_params(cfg, model, mesh)
+    base, start = (loaded.base, loaded.trained) if isinstance(loaded, lora.Adapted) else (loaded, None)
+    continued = start is not None and task.lora_reference and frozen_params is None
+    j = jitted_steps(task, cfg, model, mesh, total_steps, frozen_shardings, plan, start=continued)
+
+    def init_params():
+        if start is not None:
+            return jax.tree.map(jnp.copy, start)  # the state is donated; `start` may be the reference
+        return jax.jit(lambda b: lora.init_adapters(plan, b, jax.random.key(cfg.seed)),
+                       out_shardings=lora.adapter_shardings(plan, param_shardings(model, mesh)))(base)
+
+    return Steps(train=j.train, evaluate=j.evaluate, tx=j.tx, shardings=j.shardings, init_params=init_params,
+                 param_shapes=j.param_shapes,
+                 export=lambda trained, tokenizer: export_adapter(plan, model, trained, tokenizer, cfg),
+                 frozen={"base": base, "start": start if continued else None, "task": frozen_params},
                  accum=cfg.gradient_accumulation_steps)
 
 

@@ -54,7 +54,10 @@ from jaxpref import rewards
 from jaxpref.sequence import (ImplicitReward, cast_floats, images, implicit_reward, response_logits,
                               response_logprobs, response_scores, token_logprobs)
 from jaxpref.sharding import constrain, logical_to_spec, make_mesh, on_mesh, param_shapes, param_shardings
-from jaxpref.train.loop import Steps, Task, batch_shards, load_params, model_config, run, tokenizer_spec
+from jaxpref.models import lora
+from jaxpref.models.lora import Adapted
+from jaxpref.train.loop import (Steps, Task, batch_shards, export_adapter, load_params, lora_plan, model_config, run,
+                                tokenizer_spec)
 from jaxpref.train.loop import export as export_model
 from jaxpref.train.optim import make_optimizer, make_schedule
 from jaxpref.train.state import batch_sharding, state_shardings
@@ -70,6 +73,27 @@ class Roles:
     value: VLM = flax.struct.field(pytree_node=False)
     ref: VLM = flax.struct.field(pytree_node=False)
     reward: VLM = flax.struct.field(pytree_node=False)
+    # with use_peft: the policy's and the value model's adapters (jaxpref.models.lora.Plan); None: full weights
+    policy_plan: object = flax.struct.field(pytree_node=False, default=None)
+    value_plan: object = flax.struct.field(pytree_node=False, default=None)
+
+
+def bind(params, frozen, roles: Roles) -> dict:
+    """role -> the params each model runs with. Full weights: the trained policy and value, the frozen
+    ref and reward. LoRA: the policy is its adapters on the frozen policy base (frozen["policy"]); the
+    value model is its adapters and score head on the frozen reward model (TRL initialises the value
+    model from the reward model: one copy serves both); the reference is ref_model when given, else
+    the policy base with adapters off."""
+    frozen = frozen or {}
+    if roles.policy_plan is None:
+        return {"policy": params["policy"], "value": params["value"], "ref": frozen.get("ref"),
+                "reward": frozen.get("reward")}
+    base = frozen["policy"]
+    ref = frozen.get("ref")
+    return {"policy": Adapted(base, params["policy"], roles.policy_plan),
+            "value": Adapted(frozen.get("reward"), params["value"], roles.value_plan),
+            "ref": ref if ref is not None else Adapted(base, None, roles.policy_plan),
+            "reward": frozen.get("reward")}
 
 
 # ---------------------------------------------------------------------------
@@ -101,15 +125,15 @@ def stop_ids(cfg: PPOConfig, eos_token_id: int) -> tuple[int, ...]:
     return (eos_token_id,) if cfg.stop_token == "eos" else ()
 
 
-def sample_responses(state, batch: dict, *, roles: Roles, cfg: PPOConfig, cache_sharding=None):
+def sample_responses(state, batch: dict, frozen=None, *, roles: Roles, cfg: PPOConfig, cache_sharding=None):
     """Step 1: (responses int32[B, T], their log-probs float32[B, T] at `temperature`): pad after the
-    first stop token (the sampler stops there)."""
+    first stop token (the sampler stops there). `frozen`: what bind reads (LoRA: the policy base)."""
     mc = roles.policy.config
     b = batch["prompt_ids"].shape[0]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     px = images(batch)
     tt = jnp.zeros_like(batch["prompt_mask"]) if mc.prefix_lm else None
-    gen = generate_tokens(roles.policy, cast_floats(state.params["policy"], roles.policy.dtype),
+    gen = generate_tokens(roles.policy, cast_floats(bind(state.params, frozen, roles)["policy"], roles.policy.dtype),
                           None if px is None else px.astype(roles.policy.dtype), batch["prompt_ids"],
                           batch["prompt_mask"], tt, key, jnp.arange(b, dtype=jnp.int32), jnp.float32(cfg.temperature),
                           None, jnp.asarray(stop_ids(cfg, mc.eos_token_id), jnp.int32), jnp.int32(mc.pad_token_id),
@@ -123,10 +147,11 @@ def score_rollout(params, frozen, batch: dict, responses, logprobs, *, roles: Ro
     mc = roles.policy.config
     stops = stop_ids(cfg, mc.eos_token_id)
     response_mask = (jnp.cumsum(responses == mc.pad_token_id, axis=1) == 0).astype(jnp.int32)
-    ref_logits = response_logits(roles.ref, frozen["ref"], batch, responses, response_mask)
+    p = bind(params, frozen, roles)
+    ref_logits = response_logits(roles.ref, p["ref"], batch, responses, response_mask)
     ref_logprobs, _ = token_logprobs(ref_logits, responses, cfg.temperature)
-    values = response_logits(roles.value, params["value"], batch, responses, response_mask).astype(jnp.float32)
-    score = scores(roles, frozen, batch, responses, response_mask, ref_logits, cfg)
+    values = response_logits(roles.value, p["value"], batch, responses, response_mask).astype(jnp.float32)
+    score = scores(roles, p, batch, responses, response_mask, ref_logits, cfg)
     has_stop = jnp.any(jnp.isin(responses, jnp.asarray(stops or (-1,), jnp.int32)), axis=1)
     if cfg.missing_eos_penalty is not None:
         score = jnp.where(has_stop, score, score - cfg.missing_eos_penalty)
@@ -140,15 +165,16 @@ def score_rollout(params, frozen, batch: dict, responses, logprobs, *, roles: Ro
 def rollout(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, cache_sharding=None):
     """Steps 1-3: responses, old log-probs, reference log-probs, values, scores, advantages and
     returns, as a dict of [B, T] / [B] arrays."""
-    responses, logprobs = sample_responses(state, batch, roles=roles, cfg=cfg, cache_sharding=cache_sharding)
+    responses, logprobs = sample_responses(state, batch, frozen, roles=roles, cfg=cfg, cache_sharding=cache_sharding)
     return score_rollout(state.params, frozen, batch, responses, logprobs, roles=roles, cfg=cfg)
 
 
-def minibatch_loss(params, mb: dict, *, roles: Roles, cfg: PPOConfig):
+def minibatch_loss(params, mb: dict, frozen=None, *, roles: Roles, cfg: PPOConfig):
     """TRL's PPO loss on one micro-batch (masked means over it), and its statistics."""
-    new_logprobs, entropy = response_logprobs(roles.policy, params["policy"], mb, mb["responses"],
+    p = bind(params, frozen, roles)
+    new_logprobs, entropy = response_logprobs(roles.policy, p["policy"], mb, mb["responses"],
                                               mb["response_mask"], cfg.temperature)
-    vpred = response_logits(roles.value, params["value"], mb, mb["responses"], mb["response_mask"]).astype(jnp.float32)
+    vpred = response_logits(roles.value, p["value"], mb, mb["responses"], mb["response_mask"]).astype(jnp.float32)
     loss, stats = ppo_losses(new_logprobs, mb["logprobs"], mb["advantages"], vpred, mb["values"], mb["returns"],
                              mb["padding_mask"], mb["padding_mask_p1"], cliprange=cfg.cliprange,
                              cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef)
@@ -161,8 +187,9 @@ UPDATE_KEYS = ("responses", "response_mask", "logprobs", "advantages", "values",
                "padding_mask_p1")
 
 
-def ppo_update(state, batch: dict, ro: dict, *, roles: Roles, cfg: PPOConfig, tx):
-    """Step 4 on a scored rollout `ro` (rollout's dict): num_ppo_epochs x num_mini_batches AdamW steps.
+def ppo_update(state, batch: dict, ro: dict, frozen=None, *, roles: Roles, cfg: PPOConfig, tx):
+    """Step 4 on a scored rollout `ro` (rollout's dict): num_ppo_epochs x num_mini_batches AdamW steps
+    (`frozen`: what bind reads; LoRA: the policy base and the reward model under the value adapters).
     Returns ((params, opt_state), per-mini-batch stats). Traced under jaxpref.sharding.on_mesh, every
     micro-batch is constrained to the batch axes, so each device trains on rows of its own."""
     data = {**{k: v for k, v in batch.items() if k in ("prompt_ids", "prompt_mask", "pixel_values")},
@@ -173,7 +200,7 @@ def ppo_update(state, batch: dict, ro: dict, *, roles: Roles, cfg: PPOConfig, tx
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1)
     order = jnp.stack([jax.random.permutation(jax.random.fold_in(key, i), b) for i in range(e)])
     order = order.reshape(e * m, a, micro)  # each epoch: a fresh permutation cut into mini- and micro-batches
-    grad_fn = jax.grad(partial(minibatch_loss, roles=roles, cfg=cfg), has_aux=True)
+    grad_fn = jax.grad(partial(minibatch_loss, frozen=frozen, roles=roles, cfg=cfg), has_aux=True)
 
     def take(rows):
         return jax.tree.map(lambda x: constrain(jnp.take(x, rows, axis=0), ("batch",) + (None,) * (x.ndim - 1)),
@@ -201,7 +228,7 @@ def ppo_step(state, batch: dict, frozen, *, roles: Roles, cfg: PPOConfig, tx, sc
     new state and TRL's metrics."""
     ro = rollout(state, batch, frozen, roles=roles, cfg=cfg, cache_sharding=cache_sharding)
     b = batch["prompt_ids"].shape[0]
-    (params, opt_state), stats = ppo_update(state, batch, ro, roles=roles, cfg=cfg, tx=tx)
+    (params, opt_state), stats = ppo_update(state, batch, ro, frozen, roles=roles, cfg=cfg, tx=tx)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     pad = ro["padding_mask"]
     kl_sum = jnp.sum(ro["kl"], axis=1)  # padded positions hold 0 (both log-probs are INVALID_LOGPROB)
@@ -271,12 +298,40 @@ def roles_of(cfg: PPOConfig, policy: VLM) -> tuple[dict[str, str], dict[str, VLM
     return paths, models
 
 
-def compute_roles(cfg: PPOConfig, models: dict[str, VLM]) -> Roles:
+def compute_roles(cfg: PPOConfig, models: dict[str, VLM], plans: dict | None = None) -> Roles:
     """The modules the step runs: bf16 compute when cfg.bf16, remat for the trained ones."""
     compute = jnp.bfloat16 if cfg.bf16 else models["policy"].dtype
+    plans = plans or {}
     return Roles(policy=models["policy"].clone(dtype=compute, remat=cfg.gradient_checkpointing),
                  value=models["value"].clone(dtype=compute, remat=cfg.gradient_checkpointing),
-                 ref=models["ref"].clone(dtype=compute), reward=models["reward"].clone(dtype=compute))
+                 ref=models["ref"].clone(dtype=compute), reward=models["reward"].clone(dtype=compute),
+                 policy_plan=plans.get("policy"), value_plan=plans.get("value"))
+
+
+def lora_plans(cfg: PPOConfig, paths: dict, models: dict[str, VLM]) -> dict | None:
+    """{"policy", "value"}: the adapters a use_peft run trains, or None. The value model's adapters (and
+    its score head, trained whole) sit on the reward model, which the run holds anyway."""
+    policy = lora_plan(cfg, models["policy"])
+    if policy is None:
+        return None
+    if cfg.reward_model_type != "scalar":
+        raise ConfigError("reward_model_type: with use_peft the value model is adapters on the reward model's "
+                          "backbone and score head, which an implicit (DPO) reward model does not have")
+    if paths["value"] != paths["reward"]:
+        raise ConfigError("value_model_path: with use_peft the value model is adapters on the reward model "
+                          "(TRL initialises it from the reward model): leave value_model_path unset")
+    value = lora.make_plan(models["value"].config, "scalar", dataclasses.replace(
+        _lora_args(cfg), target_modules=lora.target_spec(cfg.model.lora_target_modules or ("all-linear",))),
+        ("score",))
+    if cfg.model.freeze_vision:
+        value = dataclasses.replace(value, targets=tuple(t for t in value.targets if t.path[0] != "vision"))
+    return {"policy": policy, "value": value}
+
+
+def _lora_args(cfg: PPOConfig) -> lora.LoraArgs:
+    m = cfg.model
+    return lora.LoraArgs(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                         modules_to_save=m.lora_modules_to_save, use_rslora=m.use_rslora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,21 +345,45 @@ class Program:
     roles: Roles  # compute-dtype modules
     tx: optax.GradientTransformation
     shardings: object  # TrainState of NamedShardings (policy + value trained)
-    frozen_shardings: dict  # ref, reward
+    frozen_shardings: dict  # ref, reward (LoRA: and the policy base; ref None when it is that base)
     cache_sharding: NamedSharding
     train: object  # jitted (state, batch [B, ...], frozen) -> (state, metrics); the state donated
+    plans: dict | None = None  # LoRA: {"policy", "value"} adapters
+    trained_shapes: dict | None = None  # role -> ShapeDtypeStructs of what trains (LoRA: the adapters)
+
+    def frozen_shapes(self) -> dict:
+        """The `frozen` argument as ShapeDtypeStructs carrying shardings (nothing loaded)."""
+        from jaxpref.sharding import placed_shapes
+
+        shapes = {r: self.param_shapes[r] for r in ("ref", "reward")}
+        if self.plans is not None:
+            shapes["policy"] = self.param_shapes["policy"]
+        return {r: None if self.frozen_shardings[r] is None else placed_shapes(shapes[r], self.frozen_shardings[r])
+                for r in self.frozen_shardings}
 
 
 def build_program(cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Program:
     updates = cfg.num_ppo_epochs * cfg.num_mini_batches
     paths, models = roles_of(cfg, policy)
+    plans = lora_plans(cfg, paths, models)
     tx = make_optimizer(cfg, total_steps, updates_per_step=updates)
     trained = ("policy", "value")
     shapes = {r: param_shapes(m) for r, m in models.items()}
-    shardings = state_shardings({r: param_shardings(models[r], mesh) for r in trained},
-                                {r: shapes[r] for r in trained}, tx, mesh)
     frozen_shardings = {r: param_shardings(models[r], mesh) for r in ("ref", "reward")}
-    roles = compute_roles(cfg, models)
+    if plans is None:
+        trained_shapes = {r: shapes[r] for r in trained}
+        trained_shardings = {r: param_shardings(models[r], mesh) for r in trained}
+    else:
+        # the value adapters sit on the reward model's params (frozen_dtype, the reward's head)
+        bases = {"policy": shapes["policy"], "value": shapes["reward"]}
+        base_shardings = {"policy": param_shardings(policy, mesh), "value": frozen_shardings["reward"]}
+        trained_shapes = {r: lora.adapter_shapes(plans[r], bases[r]) for r in trained}
+        trained_shardings = {r: lora.adapter_shardings(plans[r], base_shardings[r]) for r in trained}
+        frozen_shardings["policy"] = base_shardings["policy"]
+        if cfg.ref_model is None:
+            frozen_shardings["ref"] = None  # the policy base with adapters off
+    shardings = state_shardings(trained_shardings, trained_shapes, tx, mesh)
+    roles = compute_roles(cfg, models, plans)
     t = policy.config.text
     rows = step_rows(cfg, mesh)
     # the KV cache: batch over (data, fsdp), kv heads over tensor, like generate() places it
@@ -316,33 +395,52 @@ def build_program(cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Progra
                    cache_sharding=cache)
     train = jax.jit(on_mesh(step, mesh), in_shardings=(shardings, batch_sharding(mesh), frozen_shardings),
                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-    return Program(paths, models, shapes, roles, tx, shardings, frozen_shardings, cache, train)
+    return Program(paths, models, shapes, roles, tx, shardings, frozen_shardings, cache, train, plans, trained_shapes)
 
 
 def build_steps(task: Task, cfg: PPOConfig, policy: VLM, mesh, total_steps: int) -> Steps:
     """Task hook: the jitted PPO iteration with the value model trained beside the policy."""
     prog = build_program(cfg, policy, mesh, total_steps)
-    paths, models = prog.paths, prog.models
+    paths, models, plans = prog.paths, prog.models, prog.plans
     trained = ("policy", "value")
-    frozen = {r: load_params(paths[r], models[r], cfg.frozen_dtype, mesh, cfg.seed) for r in ("ref", "reward")}
+    frozen = {r: None if prog.frozen_shardings[r] is None else
+              load_params(paths[r], models[r], cfg.frozen_dtype, mesh, cfg.seed) for r in ("ref", "reward")}
+    start = None
+    if plans is not None:
+        loaded = load_params(paths["policy"], policy, cfg.model.dtype, mesh, cfg.seed)
+        frozen["policy"], start = (loaded.base, loaded.trained) if isinstance(loaded, lora.Adapted) else (loaded, None)
 
     def init_params():
-        return {r: load_params(paths[r], models[r], cfg.model.dtype, mesh, cfg.seed) for r in trained}
+        if plans is None:
+            return {r: load_params(paths[r], models[r], cfg.model.dtype, mesh, cfg.seed) for r in trained}
+        bases = {"policy": frozen["policy"], "value": frozen["reward"]}
+        out = {}
+        for i, r in enumerate(trained):
+            if r == "policy" and start is not None:
+                out[r] = jax.tree.map(jnp.copy, start)  # continuing an adapter directory
+                continue
+            out[r] = jax.jit(partial(lora.init_adapters, plans[r], rng=jax.random.key(cfg.seed + i)),
+                             out_shardings=prog.shardings.params[r])(bases[r])
+        return out
 
     def export(params, tokenizer):
-        export_model(policy, params["policy"], tokenizer, cfg)  # output_dir: the policy, as every trainer
         value_cfg = dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, "value_model"))
-        export_model(models["value"], params["value"], tokenizer, value_cfg)
+        if plans is None:
+            export_model(policy, params["policy"], tokenizer, cfg)  # output_dir: the policy, as every trainer
+            export_model(models["value"], params["value"], tokenizer, value_cfg)
+            return
+        export_adapter(plans["policy"], policy, params["policy"], tokenizer, cfg)
+        value_cfg = dataclasses.replace(value_cfg, model=dataclasses.replace(cfg.model, name_or_path=paths["reward"]))
+        export_adapter(plans["value"], models["value"], params["value"], tokenizer, value_cfg)
 
     host_eval = None
     if cfg.data.dataset_test_split is not None:
-        host_eval = make_host_eval(cfg, policy, frozen, models, mesh)
+        host_eval = make_host_eval(cfg, policy, frozen, models, mesh, prog.roles)
     return Steps(train=prog.train, evaluate=None, tx=prog.tx, shardings=prog.shardings, init_params=init_params,
-                 param_shapes={r: prog.param_shapes[r] for r in trained}, export=export, frozen=frozen,
-                 accum=None, host_eval=host_eval)
+                 param_shapes=prog.trained_shapes, export=export, frozen=frozen, accum=None, host_eval=host_eval)
 
 
-def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh):
+def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh, roles: Roles):
     """params -> eval metrics: the policy against the reference on held-out prompts (jaxpref.eval),
     samples written to output_dir/samples/step-N.jsonl."""
     rows = list(first_rows(cfg.data.dataset_name, cfg.data.dataset_test_split, cfg.eval_num_prompts))
@@ -350,16 +448,18 @@ def make_host_eval(cfg: PPOConfig, policy: VLM, frozen: dict, models: dict, mesh
     args = EvalArgs(policy="", reference="", data=cfg.data.dataset_name, max_new_tokens=cfg.response_length,
                     temperature=cfg.temperature, batch_size=cfg.per_device_eval_batch_size * batch_shards(mesh),
                     seed=cfg.seed, max_prompt_length=cfg.max_prompt_length, length_buckets=cfg.data.length_buckets)
+    ref = bind({"policy": None, "value": None}, frozen, roles)["ref"]  # LoRA: the base with adapters off
     reward = (models["reward"], frozen["reward"])
     if cfg.reward_model_type == "implicit":
-        reward = ImplicitReward(*reward, models["ref"], frozen["ref"], beta=cfg.implicit_reward_beta)
+        reward = ImplicitReward(*reward, models["ref"], ref, beta=cfg.implicit_reward_beta)
     try:
         judge = rewards.resolve(cfg.judge) if cfg.judge else None
     except ValueError as e:
         raise ConfigError(f"judge: {e}") from None
 
     def host_eval(params, step: int) -> dict:
-        samples = compare((policy, params["policy"]), (models["ref"], frozen["ref"]), reward, rows, tokenizer, args,
+        samples = compare((policy, bind(params, frozen, roles)["policy"]), (models["ref"], ref), reward, rows, tokenizer,
+                          args,
                           judge=judge)
         if jax.process_index() == 0:
             out = os.path.join(cfg.output_dir, "samples")

@@ -30,7 +30,7 @@ from jaxpref.config import ConfigError, TrainingConfig, load_config
 from jaxpref.data.processing import bucket_length
 from jaxpref.sharding import on_mesh, param_shapes, placed_shapes
 from jaxpref.train import dpo, ppo, reward, sft
-from jaxpref.train.loop import batch_shards, build_model, jitted_steps
+from jaxpref.train.loop import batch_shards, build_model, jitted_steps, lora_plan
 from jaxpref.train.state import abstract_state, batch_sharding, micro_batch_sharding
 
 TASKS = {"sft": sft.TASK, "reward": reward.TASK, "dpo": dpo.TASK, "ppo": ppo.TASK}
@@ -134,16 +134,21 @@ def build_program(kind: str, cfg: TrainingConfig, mesh, prompt_length: int | Non
         return _ppo_program(cfg, model, mesh, total, shapes, flops, ls)
     frozen = task.frozen(cfg, mesh, abstract=True) if task.frozen is not None else None
     frozen_args, frozen_shardings = frozen if frozen is not None else (None, None)
-    train, _, tx, shardings = jitted_steps(task, cfg, model, mesh, total, frozen_shardings)
-    state = abstract_state(shardings, param_shapes(model), tx)
+    plan = lora_plan(cfg, model)
+    j = jitted_steps(task, cfg, model, mesh, total, frozen_shardings, plan)
+    if plan is not None:  # the base, in the model's dtype, rides in `frozen`
+        base = placed_shapes(param_shapes(model), j.frozen_shardings["base"])
+        frozen_args, frozen = {"base": base, "start": None, "task": frozen_args}, True
+    state = abstract_state(j.shardings, j.param_shapes, j.tx)
     args = (state, _abstract(shapes, micro_batch_sharding(mesh))) + ((frozen_args,) if frozen is not None else ())
-    return Program(f"{kind} step", train, args, sum(flops.values()), rows, _tokens(kind, shapes), ls)
+    name = f"{kind} step" + (f" (LoRA r={plan.r})" if plan is not None else "")
+    return Program(name, j.train, args, sum(flops.values()), rows, _tokens(kind, shapes), ls)
 
 
 def _ppo_program(cfg, policy, mesh, total, shapes, flops, ls) -> Program:
     prog = ppo.build_program(cfg, policy, mesh, total)
-    state = abstract_state(prog.shardings, {r: prog.param_shapes[r] for r in ("policy", "value")}, prog.tx)
-    frozen = {r: placed_shapes(prog.param_shapes[r], prog.frozen_shardings[r]) for r in ("ref", "reward")}
+    state = abstract_state(prog.shardings, prog.trained_shapes, prog.tx)
+    frozen = prog.frozen_shapes()
     rows_sharding = batch_sharding(mesh)
     batch = _abstract(shapes, rows_sharding)
     b, r = shapes["prompt_ids"][0], cfg.response_length
@@ -155,17 +160,24 @@ def _ppo_program(cfg, policy, mesh, total, shapes, flops, ls) -> Program:
                                                            s.shape[0] == b else replicated), tree)
 
     kw = dict(roles=prog.roles, cfg=cfg)
+    # each phase gets the frozen params it reads: none (LoRA: the policy base) to sample, the policy base
+    # and the reward model under the value adapters (LoRA) to update
+    lora_run = prog.plans is not None
+    sample_frozen = {"policy": frozen["policy"]} if lora_run else None
+    update_frozen = {"policy": frozen["policy"], "reward": frozen["reward"]} if lora_run else None
     sample = partial(ppo.sample_responses, cache_sharding=prog.cache_sharding, **kw)
     sample_jit = jax.jit(on_mesh(sample, mesh))  # the phases' arguments carry their shardings
-    responses, logprobs = rows_like(jax.eval_shape(sample, state, batch))
+    responses, logprobs = rows_like(jax.eval_shape(sample, state, batch, sample_frozen))
     score = partial(ppo.score_rollout, **kw)
     score_jit = jax.jit(on_mesh(score, mesh))
     ro = rows_like(jax.eval_shape(score, state.params, frozen, batch, responses, logprobs))
     update = partial(ppo.ppo_update, tx=prog.tx, **kw)
     update_jit = jax.jit(on_mesh(update, mesh))
-    phases = [Program("ppo rollout", sample_jit, (state, batch), flops["rollout"], b, tokens, ls, False),
+    phases = [Program("ppo rollout", sample_jit, (state, batch, sample_frozen), flops["rollout"], b, tokens, ls,
+                      False),
               Program("ppo scoring", score_jit, (state.params, frozen, batch, responses, logprobs), flops["scoring"],
                       b, tokens, ls, False),
-              Program("ppo update", update_jit, (state, batch, ro), flops["update"], b, tokens, ls, False)]
-    return Program("ppo iteration", prog.train, (state, batch, frozen), sum(flops.values()), b, tokens, ls,
-                   phases=phases)
+              Program("ppo update", update_jit, (state, batch, ro, update_frozen), flops["update"], b, tokens, ls,
+                      False)]
+    name = "ppo iteration" + (f" (LoRA r={prog.plans['policy'].r})" if lora_run else "")
+    return Program(name, prog.train, (state, batch, frozen), sum(flops.values()), b, tokens, ls, phases=phases)

@@ -36,7 +36,7 @@ class TrainState:
 
 
 def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable, tx: optax.GradientTransformation,
-               schedule: Callable, count_tokens: Callable) -> tuple[TrainState, dict]:
+               schedule: Callable, count_tokens: Callable, loss_rng: bool = False) -> tuple[TrainState, dict]:
     """One optimizer step on `batch` (dict of arrays [A, B, ...]: A micro-batches of B rows).
 
     `frozen`: parameters the loss reads but never trains (DPO's reference model), passed to it as
@@ -45,21 +45,33 @@ def train_step(state: TrainState, batch: dict, frozen=None, *, loss_fn: Callable
     Returns the new state and metrics: the loss function's statistics over the whole batch,
     grad_norm (before clipping), learning_rate (at the new step, as transformers logs it) and
     num_tokens (count_tokens(batch): the tokens the model read in this step).
+
+    loss_rng: the loss also takes `rng=` (uint32[2] key data, e.g. for dropout): micro-batch i of step s
+    gets fold_in(fold_in(state.rng, s), i), so a resumed run draws the same.
     """
     if frozen is not None:
         loss_fn = partial(loss_fn, frozen=frozen)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_at(params, mb, i):
+        if not loss_rng:
+            return loss_fn(params, mb)
+        return loss_fn(params, mb, rng=jax.random.key_data(jax.random.fold_in(step_key, i)))
+
+    grad_fn = jax.grad(loss_at, has_aux=True)
     first = jax.tree.map(lambda x: x[0], batch)
-    shapes = jax.eval_shape(lambda: loss_fn(state.params, first)[1])
+    shapes = jax.eval_shape(lambda: loss_at(state.params, first, 0)[1])
     stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes).empty()
     grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    accum = jax.tree.leaves(batch)[0].shape[0]
 
-    def micro(carry, mb):
+    def micro(carry, xs):
         grads, stats = carry
-        g, s = grad_fn(state.params, mb)
+        mb, i = xs
+        g, s = grad_fn(state.params, mb, i)
         return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), stats.merge(s)), None
 
-    (grads, stats), _ = jax.lax.scan(micro, (grads0, stats0), batch)
+    (grads, stats), _ = jax.lax.scan(micro, (grads0, stats0), (batch, jnp.arange(accum)))
     count = stats.means["loss"][1]
     grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1e-12), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
