@@ -45,7 +45,7 @@ LORA = ["model.use_peft=true", "model.lora_target_modules=all-linear", "model.lo
 
 def lora_cells():
     """(name, topology, arguments): PaliGemma-3B's DPO step on v5e-8 and PPO iteration on v5e-16 and v5e-8,
-    full weights beside LoRA r=16 on every linear layer (`--lora`)."""
+    full weights beside LoRA r=16 on every linear layer (`--lora`), and LoRA on a bfloat16 base."""
     dpo = ["--config", "configs/paligemma-3b/dpo_rlaif_v.yaml", *PG, "mesh.data=1", "mesh.fsdp=-1",
            "per_device_train_batch_size=4", "gradient_accumulation_steps=2"]
     for topo, chips in (("v5e-16", 16), ("v5e-8", 8)):
@@ -56,10 +56,12 @@ def lora_cells():
             yield "paligemma-3b dpo lora", topo, dpo + LORA
         yield "paligemma-3b ppo", topo, ppo
         yield "paligemma-3b ppo lora", topo, ppo + LORA
+        if topo == "v5e-8":  # the base held in bfloat16 too (model.dtype): the adapters stay float32
+            yield "paligemma-3b ppo lora, bf16 base", topo, ppo + LORA + ["model.dtype=bfloat16"]
 
 
 def slug(name: str, topo: str) -> str:
-    return f"{name.replace(' ', '_')}@{topo}"
+    return f"{name.replace(', ', '_').replace(' ', '_')}@{topo}"
 
 
 def run(out: str, only: str | None, lora: bool = False):

@@ -262,6 +262,8 @@ def test_config_errors():
 
     plan = lora_plan(cfg, model)
     assert plan.targets and all(t.path[0] != "vision" for t in plan.targets)  # the frozen tower gets none
+    # what adapter_config.json records selects the same modules again (not the tower's q_proj, ...)
+    assert lora.make_plan(model.config, "lm", lora.LoraArgs(target_modules=plan.target_modules)).targets == plan.targets
 
 
 # ---------------------------------------------------------------------------

@@ -222,6 +222,27 @@ def make_plan(config: VLMConfig, head: str, args: LoraArgs, extra_modules_to_sav
                 modules_to_save=to_save or None)
 
 
+def without_vision(plan: Plan) -> Plan:
+    """`plan` with no adapters in the vision tower (a frozen tower). When that drops any, the recorded
+    target_modules become one regular expression naming exactly the modules kept, so the saved
+    adapter_config.json selects the same modules in PEFT and in load_adapter."""
+    kept = tuple(t for t in plan.targets if t.path[0] != "vision")
+    if not kept:
+        raise ConfigError("model.lora_target_modules: every target is in the vision tower, which "
+                          "model.freeze_vision keeps frozen")
+    if kept == plan.targets:
+        return plan
+
+    def pattern(t: Target) -> str:
+        name = re.escape(t.name)
+        if t.layers is None:
+            return name
+        layers = r"\d+" if len(t.layers) == t.num_layers else "(?:" + "|".join(map(str, t.layers)) + ")"
+        return name.replace(re.escape("{i}"), layers)
+
+    return dataclasses.replace(plan, targets=kept, target_modules="|".join(pattern(t) for t in kept))
+
+
 # ---------------------------------------------------------------------------
 # the adapter tree
 
@@ -519,4 +540,5 @@ def merge(plan: Plan, base, trained) -> dict:
 
 __all__ = ["LoraArgs", "Plan", "Target", "Adapted", "make_plan", "init_adapters", "adapter_shapes",
            "adapter_shardings", "variables", "effective_lora", "save_adapter", "load_adapter", "merge",
-           "is_adapter_dir", "read_adapter_config", "adapter_config", "adapter_tensors", "target_spec", "base_of", "rngs"]
+           "is_adapter_dir", "read_adapter_config", "adapter_config", "adapter_tensors", "target_spec", "base_of", "rngs",
+           "without_vision"]

@@ -183,13 +183,7 @@ def lora_plan(cfg: TrainingConfig, model: VLM):
                              target_modules=lora.target_spec(m.lora_target_modules),
                              modules_to_save=m.lora_modules_to_save, use_rslora=m.use_rslora)
         plan = lora.make_plan(model.config, model.head, args, ("score",) if model.head == "scalar" else ())
-    if m.freeze_vision:
-        kept = tuple(t for t in plan.targets if t.path[0] != "vision")
-        if not kept:
-            raise ConfigError("model.lora_target_modules: every target is in the vision tower, which "
-                              "model.freeze_vision keeps frozen")
-        plan = dataclasses.replace(plan, targets=kept)
-    return plan
+    return lora.without_vision(plan) if m.freeze_vision else plan
 
 
 def adapted_loss(trained, batch: dict, frozen, rng=None, *, loss_fn: Callable, plan, reference: bool):

@@ -323,9 +323,7 @@ def lora_plans(cfg: PPOConfig, paths: dict, models: dict[str, VLM]) -> dict | No
     value = lora.make_plan(models["value"].config, "scalar", dataclasses.replace(
         _lora_args(cfg), target_modules=lora.target_spec(cfg.model.lora_target_modules or ("all-linear",))),
         ("score",))
-    if cfg.model.freeze_vision:
-        value = dataclasses.replace(value, targets=tuple(t for t in value.targets if t.path[0] != "vision"))
-    return {"policy": policy, "value": value}
+    return {"policy": policy, "value": lora.without_vision(value) if cfg.model.freeze_vision else value}
 
 
 def _lora_args(cfg: PPOConfig) -> lora.LoraArgs:
