@@ -9,7 +9,8 @@
 (left-padded), pixel_values float32[B, n, H, W, 3] (n = 0: text-only rows). A response is
 right-padded: responses / response_mask int32[B, T]. The model sees [pad.. prompt response ..pad];
 position t of its output predicts token t + 1, so the response's T tokens are predicted at positions
-Lp-1 .. Lp+T-2. Params are cast to the model's compute dtype (`cast_floats`) here, once.
+Lp-1 .. Lp+T-2. Params (a params tree, or jaxpref.models.lora.Adapted) are cast to the model's compute
+dtype here (`jaxpref.models.lora.variables`), once.
 
 Used by SFT, the reward model, DPO, PPO, `jaxpref eval` and `jaxpref comparisons`; nothing here
 depends on the trainers.

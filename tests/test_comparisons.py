@@ -128,6 +128,7 @@ def test_collect_samples_judges_and_writes_a_preference_dataset(tiny, tmp_path):
     assert json.load(open(out / "comparisons.json"))["train"] == stats["train"]
 
 
+@pytest.mark.slow  # 58 s of CLI subprocesses: kept out of CI's 30-minute budget; run with -m slow
 def test_the_cli_names_what_is_wrong(tiny, tmp_path):
     env = dict(os.environ, XLA_FLAGS="")
 

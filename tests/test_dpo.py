@@ -223,6 +223,7 @@ def _dpo(*args):
     return run_jaxpref("dpo", *args)
 
 
+@pytest.mark.slow  # CI budget; run with -m slow
 def test_precomputed_reference_gives_the_same_losses(tiny_task, tmp_path):
     common = dict(logging_steps=1, eval_steps=4, save_steps=4, max_steps=6, learning_rate="3e-3", beta="0.5")
     runs = {}

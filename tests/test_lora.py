@@ -119,7 +119,7 @@ def random_adapters(plan, params, seed):
     return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), trained)
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("family", ["paligemma", pytest.param("llava", marks=pytest.mark.slow)])  # CI budget
 def test_adapters_match_peft_both_ways_and_merge(checkpoints, family, tmp_path):
     d, hf_model = checkpoints[family]
     model, params = load_pretrained(d)
@@ -206,6 +206,7 @@ def test_sft_steps_train_only_the_adapters_and_match_the_merged_model():
     np.testing.assert_allclose(float(ours_loss), float(full_loss), rtol=1e-5)
 
 
+@pytest.mark.slow  # a detail of SFT; CI keeps the 30-minute budget
 def test_lora_dropout_draws_per_step_and_only_while_training():
     mesh = one_device()
     _, model, steps, state = setup("sft", mesh, **LORA, **{"model.lora_dropout": 0.5})
@@ -354,7 +355,7 @@ def test_ppo_trains_policy_and_value_adapters_with_one_copy_of_each_model():
         ppo.lora_plans(cfg, {**paths, "value": "elsewhere"}, models)
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ppo"])
+@pytest.mark.parametrize("kind", ["dpo", pytest.param("ppo", marks=pytest.mark.slow)])  # CI budget
 def test_profile_compiles_the_lora_step_with_a_smaller_train_state(kind):
     """`jaxpref profile`'s program for a use_peft recipe: the trainer's own LoRA step compiles from shapes
     alone, its train state a fraction of the full-weight one's, the base among the frozen arguments."""

@@ -132,6 +132,7 @@ def test_implicit_reward_is_beta_times_the_dpo_policys_log_ratio_to_the_referenc
 
 
 @needs8
+@pytest.mark.slow  # the DPO and trainer 8-device tests run in CI
 def test_eight_devices_fsdp4_tensor2_give_the_single_device_iteration():
     one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     eight = make_mesh(1, 4, 2)

@@ -121,7 +121,8 @@ def _temporaries(name, n, rows, *overrides):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 @pytest.mark.parametrize("name,overrides", [
     ("dpo", ("max_length=96", "precompute_ref_log_probs=false")),
-    ("ppo", ("reward_model_path=small", "num_mini_batches=1", "response_length=8", "max_prompt_length=72"))])
+    pytest.param("ppo", ("reward_model_path=small", "num_mini_batches=1", "response_length=8", "max_prompt_length=72"),
+                 marks=pytest.mark.slow)])  # CI budget: DPO's case runs there
 def test_per_device_temporaries_shrink_as_the_batch_axes_grow(name, overrides):
     """At one global batch (16 rows), the compiled step's per-device temporaries on 2 and 8 devices fall
     close to 1/N of one device's: activations live on their batch shard, never whole on every device."""

@@ -156,9 +156,9 @@ def make_plan(config: VLMConfig, head: str, args: LoraArgs, extra_modules_to_sav
               strict: bool = True) -> Plan:
     """Which linear layers `args` adapts on this model (PEFT's matching of `args.target_modules`: a
     string, "all-linear" or a regular expression, or a tuple of names; see target_spec for TRL's
-    reading of a config's list), and which modules it trains whole. ConfigError when a target
-    matches nothing (naming the modules there are), matches a layer jaxpref cannot adapt, or
-    modules_to_save names part of a layer stack, or (strict) nothing."""
+    reading of a config's list), and which modules it trains whole. ConfigError when the targets
+    match nothing (naming the modules there are) or a layer jaxpref cannot adapt, or when a
+    modules_to_save entry names part of a layer stack or (with `strict`) nothing."""
     if args.r < 1:
         raise ConfigError(f"model.lora_r must be >= 1, got {args.r}")
     if not 0 <= args.dropout < 1:

@@ -39,8 +39,8 @@ from jaxpref.profile import text_flops, vision_flops
 from jaxpref.sequence import pair_forward
 from jaxpref.sharding import make_mesh, on_mesh, param_shapes, param_shardings, placed_shapes
 from jaxpref.train.checkpoint import gather_json
-from jaxpref.train.loop import (DTYPES, Task, build_model, device_batch, load_params, model_config, pad_rows, run,
-                                tokenizer_spec)
+from jaxpref.train.loop import (DTYPES, Task, build_model, device_batch, load_params, model_config, pad_rows, passes,
+                                run, tokenizer_spec)
 from jaxpref.train.reward import count_tokens
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,8 @@ def step_flops(cfg: DPOConfig, mc, shapes: dict) -> dict[str, float]:
     lc = shapes["chosen_ids"][2]
     rows, images = a * b, a * b * shapes["pixel_values"][2]
     text = text_flops(mc, 2 * rows, lp + lc, head_positions=lc + 1)
-    out = {"policy": vision_flops(mc, images) * (1 if cfg.model.freeze_vision else 3) + 3 * text}
+    tower, trained = passes(cfg)
+    out = {"policy": tower * vision_flops(mc, images) + trained * text}
     if not cfg.precompute_ref_log_probs:
         out["reference"] = vision_flops(mc, images) + text
     return out

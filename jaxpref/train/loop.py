@@ -162,6 +162,22 @@ def place_adapters(plan, trained, model: VLM, mesh):
     return jax.device_put(trained, lora.adapter_shardings(plan, param_shardings(model, mesh)))
 
 
+def passes(cfg: TrainingConfig) -> tuple[int, int]:
+    """(tower, decoder) forward-equivalents one trained example costs, for analytic FLOPs: 3 (forward,
+    and a backward of twice its cost), 2 under LoRA (the frozen weights' gradients are never formed;
+    the adapters' are negligible), 1 for a frozen tower (forward only)."""
+    trained = 2 if cfg.model.use_peft else 3
+    return (1 if cfg.model.freeze_vision else trained), trained
+
+
+def lora_args(cfg: TrainingConfig) -> lora.LoraArgs:
+    """The model section's LoRA fields, lora_target_modules read as TRL reads them (lora.target_spec)."""
+    m = cfg.model
+    return lora.LoraArgs(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                         target_modules=lora.target_spec(m.lora_target_modules),
+                         modules_to_save=m.lora_modules_to_save, use_rslora=m.use_rslora)
+
+
 def lora_plan(cfg: TrainingConfig, model: VLM):
     """The adapters a use_peft run trains (jaxpref.models.lora.Plan), or None without use_peft. A
     scalar-head model trains its score head whole (PEFT's sequence classification); with
@@ -179,10 +195,7 @@ def lora_plan(cfg: TrainingConfig, model: VLM):
         log.info("model.name_or_path is a LoRA adapter: continuing it with its own settings (r=%d, alpha=%g, "
                  "targets %s); the model.lora_* fields are not used", plan.r, plan.alpha, plan.target_modules)
     else:
-        args = lora.LoraArgs(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                             target_modules=lora.target_spec(m.lora_target_modules),
-                             modules_to_save=m.lora_modules_to_save, use_rslora=m.use_rslora)
-        plan = lora.make_plan(model.config, model.head, args, ("score",) if model.head == "scalar" else ())
+        plan = lora.make_plan(model.config, model.head, lora_args(cfg), ("score",) if model.head == "scalar" else ())
     return lora.without_vision(plan) if m.freeze_vision else plan
 
 

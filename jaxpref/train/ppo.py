@@ -56,8 +56,8 @@ from jaxpref.sequence import (ImplicitReward, cast_floats, images, implicit_rewa
 from jaxpref.sharding import constrain, logical_to_spec, make_mesh, on_mesh, param_shapes, param_shardings
 from jaxpref.models import lora
 from jaxpref.models.lora import Adapted
-from jaxpref.train.loop import (Steps, Task, batch_shards, export_adapter, load_params, lora_plan, model_config, run,
-                                tokenizer_spec)
+from jaxpref.train.loop import (Steps, Task, batch_shards, export_adapter, load_params, lora_args, lora_plan,
+                                model_config, passes, run, tokenizer_spec)
 from jaxpref.train.loop import export as export_model
 from jaxpref.train.optim import make_optimizer, make_schedule
 from jaxpref.train.state import batch_sharding, state_shardings
@@ -320,16 +320,8 @@ def lora_plans(cfg: PPOConfig, paths: dict, models: dict[str, VLM]) -> dict | No
     if paths["value"] != paths["reward"]:
         raise ConfigError("value_model_path: with use_peft the value model is adapters on the reward model "
                           "(TRL initialises it from the reward model): leave value_model_path unset")
-    value = lora.make_plan(models["value"].config, "scalar", dataclasses.replace(
-        _lora_args(cfg), target_modules=lora.target_spec(cfg.model.lora_target_modules or ("all-linear",))),
-        ("score",))
+    value = lora.make_plan(models["value"].config, "scalar", lora_args(cfg), ("score",))
     return {"policy": policy, "value": lora.without_vision(value) if cfg.model.freeze_vision else value}
-
-
-def _lora_args(cfg: PPOConfig) -> lora.LoraArgs:
-    m = cfg.model
-    return lora.LoraArgs(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                         modules_to_save=m.lora_modules_to_save, use_rslora=m.use_rslora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,7 +477,8 @@ def step_flops(cfg: PPOConfig, mc, shapes: dict) -> dict[str, float]:
     scoring = 3 * tower + text_flops(mc, b, t, head_positions=r) + text_flops(mc, b, t, head_positions=r, head_width=1) \
         + text_flops(mc, b, t, head_positions=r if implicit else t, head_width=None if implicit else 1)
     trained = text_flops(mc, b, t, head_positions=r) + text_flops(mc, b, t, head_positions=r, head_width=1)
-    update = cfg.num_ppo_epochs * (2 * tower * (1 if cfg.model.freeze_vision else 3) + 3 * trained)
+    tower_passes, text_passes = passes(cfg)
+    update = cfg.num_ppo_epochs * (2 * tower * tower_passes + text_passes * trained)
     return {"rollout": rollout, "scoring": scoring, "update": update}
 
 

@@ -23,7 +23,7 @@ from jaxpref.models.config import VLMConfig
 from jaxpref.objectives.reward import reward_loss
 from jaxpref.profile import text_flops, vision_flops
 from jaxpref.sequence import pair_scores
-from jaxpref.train.loop import Task, run
+from jaxpref.train.loop import Task, passes, run
 
 
 def rewards(params, batch: dict, *, model: VLM):
@@ -63,8 +63,9 @@ def step_flops(cfg: RewardConfig, mc, shapes: dict) -> dict[str, float]:
     """Forward and backward over both sequences of [A, B] pairs (each pair's images once), a scalar head."""
     a, b, lp = shapes["prompt_ids"]
     rows, images = a * b, a * b * shapes["pixel_values"][2]
-    tower = vision_flops(mc, images) * (1 if cfg.model.freeze_vision else 3)
-    return {"step": tower + 3 * text_flops(mc, 2 * rows, lp + shapes["chosen_ids"][2], head_width=1)}
+    tower, text = passes(cfg)
+    return {"step": tower * vision_flops(mc, images)
+            + text * text_flops(mc, 2 * rows, lp + shapes["chosen_ids"][2], head_width=1)}
 
 
 TASK = Task(head="scalar", processor_config=processor_config, make_loss=_make_loss, count_tokens=count_tokens,

@@ -19,7 +19,7 @@ from jaxpref.models import VLM
 from jaxpref.objectives.sft import sft_loss
 from jaxpref.profile import text_flops, vision_flops
 from jaxpref.sequence import forward
-from jaxpref.train.loop import Task, run
+from jaxpref.train.loop import Task, passes, run
 
 
 def loss_fn(params, batch: dict, *, model: VLM):
@@ -42,12 +42,12 @@ def processor_config(cfg: SFTConfig) -> ProcessorConfig:
 
 
 def step_flops(cfg: SFTConfig, mc, shapes: dict) -> dict[str, float]:
-    """Forward and backward (3 forwards) over [A, B] rows of prompt + completion; the tower's backward
-    only when it trains."""
+    """Forward and backward (loop.passes: 3 forwards, 2 under LoRA) over [A, B] rows of prompt +
+    completion; the tower's backward only when it trains."""
     a, b, lp = shapes["prompt_ids"]
     rows, images = a * b, a * b * shapes["pixel_values"][2]
-    tower = vision_flops(mc, images) * (1 if cfg.model.freeze_vision else 3)
-    return {"step": tower + 3 * text_flops(mc, rows, lp + shapes["completion_ids"][2])}
+    tower, text = passes(cfg)
+    return {"step": tower * vision_flops(mc, images) + text * text_flops(mc, rows, lp + shapes["completion_ids"][2])}
 
 
 TASK = Task(head="lm", processor_config=processor_config, make_loss=lambda model, cfg: partial(loss_fn, model=model),
