@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import ConfigError, VLMConfig
-from .hf import DTYPES, CheckpointError, _table
+from .hf import DTYPES, CheckpointError, _get, _set, _table
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -245,18 +245,6 @@ def without_vision(plan: Plan) -> Plan:
 
 # ---------------------------------------------------------------------------
 # the adapter tree
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path, value):
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
 
 
 def _replace(tree: dict, path, value) -> dict:
