@@ -85,15 +85,20 @@ def run(out: str, only: str | None, lora: bool = False):
             print(r.stdout, flush=True)
 
 
+def reports(out: str, cell_list):
+    """(name, topology, JSON report) of each cell whose report is in `out`."""
+    for name, topo, _ in cell_list:
+        path = os.path.join(out, slug(name, topo) + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                yield name, topo, json.load(f)
+
+
 def table(out: str) -> str:
     rows = ["| step | slice | chips | per-chip GiB (temporaries) | HBM GiB | fits | TFLOP / step | est. step at 40 % MFU "
             "| compile s |", "|---|---|---|---|---|---|---|---|---|"]
     g = 2**30
-    for name, topo, _ in cells():
-        path = os.path.join(out, slug(name, topo) + ".json")
-        if not os.path.exists(path):
-            continue
-        r = json.load(open(path))
+    for name, topo, r in reports(out, cells()):
         rows.append(f"| {name} | {topo} | {r['chips']} | {r['per_device_memory_bytes'] / g:.2f} "
                     f"({r['memory_bytes'].get('temp', 0) / g:.2f}) | {r['device_memory_bytes'] / g:.1f} | "
                     f"{'yes' if r['fits'] else '**no**'} | {r['flops_per_step'] / 1e12:.1f} | "
@@ -105,11 +110,7 @@ def lora_table(out: str) -> str:
     rows = ["| step | slice | train state GiB / chip | arguments GiB | temporaries GiB | per-chip GiB | HBM GiB | fits "
             "| compile s |", "|---|---|---|---|---|---|---|---|---|"]
     g = 2**30
-    for name, topo, _ in lora_cells():
-        path = os.path.join(out, slug(name, topo) + ".json")
-        if not os.path.exists(path):
-            continue
-        r = json.load(open(path))
+    for name, topo, r in reports(out, lora_cells()):
         m = r["memory_bytes"]
         rows.append(f"| {name} | {topo} | {r['train_state_bytes'] / g:.2f} | {m.get('argument', 0) / g:.2f} | "
                     f"{m.get('temp', 0) / g:.2f} | {r['per_device_memory_bytes'] / g:.2f} | "
